@@ -1,0 +1,53 @@
+# packratd developer entry points.  `make run` and `make test` work on a fresh machine:
+# they create .venv in the checkout and install what is missing.
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODELS := models
+DEFAULT_MODEL := $(MODELS)/tiny_mlp.pt2
+RUNTIME_DIR ?= $(CURDIR)/run
+STATE_DIR ?= $(CURDIR)/state
+PLAN ?=
+TEST_ARGS ?=
+
+.PHONY: run test bench install deps models clean config
+
+$(STAMP): pyproject.toml
+	@command -v pkg-config >/dev/null && pkg-config --exists libsystemd 2>/dev/null || \
+	  { echo "installing libsystemd-dev and pkg-config (for systemd-python)"; \
+	    (apt-get install -y -qq libsystemd-dev pkg-config >/dev/null 2>&1 || \
+	     (apt-get update -qq && apt-get install -y -qq libsystemd-dev pkg-config >/dev/null)) || \
+	    echo "warning: could not install libsystemd-dev; packratd will use its built-in sd_notify sender"; }
+	@test -x $(VPY) || $(PY) -m venv $(VENV)
+	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	-$(VPY) -m pip install -q --disable-pip-version-check 'systemd-python>=235'
+	@touch $(STAMP)
+
+install deps: $(STAMP)
+
+$(DEFAULT_MODEL): | $(STAMP)
+	@mkdir -p $(MODELS)
+	$(VPY) tools/export_model.py tiny_mlp $@
+
+models: $(STAMP)
+	$(VPY) tools/export_model.py --all $(MODELS)
+
+run: $(STAMP) $(DEFAULT_MODEL)
+	@mkdir -p $(RUNTIME_DIR) $(STATE_DIR)
+	$(VENV)/bin/packratd --model $(DEFAULT_MODEL) --runtime-dir $(RUNTIME_DIR) --state-dir $(STATE_DIR) \
+	  $(if $(PLAN),--plan $(PLAN),)
+
+test: $(STAMP)
+	$(VPY) -m pytest -q $(TEST_ARGS)
+
+bench: $(STAMP)
+	$(VPY) tools/bench_serving.py
+
+config: $(STAMP)
+	$(VENV)/bin/packratd --dump-config > etc/packratd/packratd.toml
+
+clean:
+	rm -rf $(RUNTIME_DIR) $(STATE_DIR) .pytest_cache

@@ -1,0 +1,218 @@
+"""Every packratd setting: one name, one default, one check, in one place.
+
+The shipped ``etc/packratd/packratd.toml`` is generated from :data:`OPTIONS`
+(``packratd --dump-config``), and a test keeps the two identical, so the file
+always lists every option, commented, with its default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names file, key and reason."""
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str                 # "section.name"
+    type: type
+    default: Any
+    doc: str
+    check: Callable[[Any], str | None] | None = None   # returns a reason when the value is bad
+
+    @property
+    def section(self) -> str:
+        return self.key.split(".", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.key.split(".", 1)[1]
+
+
+def _positive(v):
+    return None if v > 0 else "must be > 0"
+
+
+def _non_negative(v):
+    return None if v >= 0 else "must be >= 0"
+
+
+def _one_of(*choices):
+    def check(v):
+        return None if v in choices else f"must be one of {', '.join(map(repr, choices))}"
+    return check
+
+
+def _endpoint(v):
+    if not v.startswith(("ipc://", "tcp://")):
+        return "must start with ipc:// or tcp://"
+    return None
+
+
+def _plan(v):
+    if not v:
+        return None
+    from .placement import parse_plan
+    try:
+        parse_plan(v)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("model.path", str, "", "The model to serve: a torch.export archive (.pt2) whose inputs have a dynamic batch dimension 0."),
+    Option("server.listen", str, "ipc://{runtime_dir}/packratd.sock",
+           "Where clients connect (ZeroMQ endpoint). {runtime_dir} expands to server.runtime_dir.", _endpoint),
+    Option("server.runtime_dir", str, "/run/packratd", "Directory for the ipc sockets (the worker socket lives here too)."),
+    Option("server.state_dir", str, "/var/lib/packratd", "Directory for persistent state (profile cache)."),
+    Option("server.max_batch_size", int, 32, "Largest batch the dispatcher forms; a single request with more rows is refused (TOO_LARGE).", _positive),
+    Option("server.max_delay_ms", float, 2.0,
+           "How long the oldest queued request may wait for others to join its batch while workers are idle.", _non_negative),
+    Option("server.max_queue_rows", int, 4096, "Rows that may wait in the queue; beyond it requests get OVERLOADED at once.", _positive),
+    Option("server.max_message_bytes", int, 1 << 28,
+           "Largest client message accepted; larger ones are dropped by ZeroMQ before they are allocated (ZMQ_MAXMSGSIZE).", _positive),
+    Option("workers.plan", str, "",
+           'Instances to run, e.g. "2x1:4" (2 instances of 1 thread, batch share 4 each) or "2:8,1:4". Empty: packratd chooses.', _plan),
+    Option("workers.use_smt", bool, False, "Use SMT siblings as extra threads (default: one thread per physical core)."),
+    Option("workers.allocator", str, "glibc-tuned",
+           "Memory allocator for workers: glibc, glibc-tuned (no mmap churn for large tensors), jemalloc, tcmalloc.",
+           _one_of("glibc", "glibc-tuned", "jemalloc", "tcmalloc")),
+    Option("workers.pin_threads", bool, True, "Pin each OpenMP thread of an instance to its own core (OMP_PLACES/OMP_PROC_BIND)."),
+    Option("workers.warmup_batches", int, 3, "Batches each worker runs before it reports READY.", _non_negative),
+    Option("workers.heartbeat_interval_s", float, 1.0, "Heartbeat period between dispatcher and workers, both ways.", _positive),
+    Option("workers.heartbeat_liveness", int, 5, "Missed heartbeats after which a peer is considered dead.", _positive),
+    Option("workers.boot_timeout_s", float, 300.0, "Time a worker may take to load and warm up before it is declared failed.", _positive),
+    Option("workers.stop_grace_s", float, 10.0, "Time a worker gets after SIGTERM before SIGKILL.", _non_negative),
+    Option("workers.max_restarts", int, 5, "Consecutive failed restarts of one instance before it is declared failed.", _non_negative),
+    Option("log.level", str, "info", "Log level: debug, info, warning, error.", _one_of("debug", "info", "warning", "error")),
+)
+
+_BY_KEY = {o.key: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    values: dict
+    source: str = "<defaults>"
+
+    def __getitem__(self, key: str):
+        return self.values[key]
+
+    def get(self, key: str):
+        return self.values[key]
+
+    @property
+    def listen(self) -> str:
+        return self.values["server.listen"].replace("{runtime_dir}", self.values["server.runtime_dir"])
+
+    @property
+    def worker_endpoint(self) -> str:
+        return "ipc://" + os.path.join(self.values["server.runtime_dir"], "workers.sock")
+
+    def replace(self, **kv) -> "Config":
+        vals = dict(self.values)
+        for k, v in kv.items():
+            vals[k.replace("__", ".")] = v
+        return dataclasses.replace(self, values=vals)
+
+
+def _coerce(opt: Option, value: Any, where: str) -> Any:
+    t = opt.type
+    if t is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if t is bool and not isinstance(value, bool) or (t is not bool and isinstance(value, bool)) or not isinstance(value, t):
+        raise ConfigError(f"{where}: {opt.key}: expected {t.__name__}, got {type(value).__name__} {value!r}")
+    if opt.check is not None:
+        reason = opt.check(value)
+        if reason:
+            raise ConfigError(f"{where}: {opt.key} = {value!r}: {reason}")
+    return value
+
+
+def _parse_override_value(opt: Option, text: str):
+    if opt.type is str:
+        return text
+    if opt.type is bool:
+        low = text.lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"command line: {opt.key}: expected true/false, got {text!r}")
+    try:
+        return opt.type(text)
+    except ValueError:
+        raise ConfigError(f"command line: {opt.key}: expected {opt.type.__name__}, got {text!r}") from None
+
+
+def load(path: str | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Read a TOML config (None: defaults only), apply overrides {"section.name": value}.
+
+    Unknown sections or keys and bad values raise ConfigError naming the file, key and reason.
+    Override values may be strings (from the command line); they are parsed by the option's type.
+    """
+    values = {o.key: o.default for o in OPTIONS}
+    source = "<defaults>"
+    if path:
+        source = path
+        try:
+            with open(path, "rb") as f:
+                doc = tomllib.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: no such config file") from None
+        except PermissionError:
+            raise ConfigError(f"{path}: permission denied") from None
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        for section, table in doc.items():
+            if not isinstance(table, dict):
+                raise ConfigError(f"{path}: {section}: expected a [section] table, got a value")
+            for name, value in table.items():
+                key = f"{section}.{name}"
+                opt = _BY_KEY.get(key)
+                if opt is None:
+                    known = ", ".join(o.name for o in OPTIONS if o.section == section)
+                    hint = f" (known in [{section}]: {known})" if known else f" (known sections: {', '.join(sorted({o.section for o in OPTIONS}))})"
+                    raise ConfigError(f"{path}: unknown key {key}{hint}")
+                values[key] = _coerce(opt, value, path)
+    for key, value in (overrides or {}).items():
+        opt = _BY_KEY.get(key)
+        if opt is None:
+            raise ConfigError(f"command line: unknown key {key}")
+        if isinstance(value, str) and opt.type is not str:
+            value = _parse_override_value(opt, value)
+        values[key] = _coerce(opt, value, "command line")
+    if not values["model.path"]:
+        raise ConfigError(f"{source}: model.path is not set (give it in the config or with --model)")
+    return Config(values=values, source=source)
+
+
+def _toml_value(v) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(v)
+
+
+def dump_defaults() -> str:
+    """The shipped config file: every option, commented out, with its default and what it does."""
+    lines = [
+        "# packratd configuration.",
+        "# Every option is listed with its default; uncomment to change it.",
+        "# Generated by `packratd --dump-config`; a test keeps this file and the code in step.",
+    ]
+    section = None
+    for o in OPTIONS:
+        if o.section != section:
+            section = o.section
+            lines += ["", f"[{section}]"]
+        lines.append(f"# {o.doc}")
+        lines.append(f"#{o.name} = {_toml_value(o.default)}")
+    return "\n".join(lines) + "\n"

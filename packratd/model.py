@@ -1,0 +1,74 @@
+"""Loading a torch.export archive and describing its inputs and outputs (imports torch)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch.utils._pytree import tree_leaves
+
+
+def _np_dtype_name(dtype: torch.dtype) -> str:
+    try:
+        return torch.empty(0, dtype=dtype).numpy().dtype.name
+    except TypeError:
+        raise ValueError(f"model uses dtype {dtype}, which has no numpy equivalent on the wire") from None
+
+
+def input_spec(ep) -> list[dict]:
+    """Describe the user inputs of an ExportedProgram: name, numpy dtype name, shape with None for dim 0."""
+    user_inputs = list(ep.graph_signature.user_inputs)
+    nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
+    spec = []
+    for name in user_inputs:
+        node = nodes.get(name)
+        val = node.meta.get("val") if node is not None else None
+        if not isinstance(val, torch.Tensor):
+            raise ValueError(f"model input {name!r} is not a tensor; packratd serves tensor inputs only")
+        if val.dim() < 1:
+            raise ValueError(f"model input {name!r} is a scalar; inputs need a batch dimension 0")
+        tail = []
+        for d in val.shape[1:]:
+            if not isinstance(d, int):
+                raise ValueError(f"model input {name!r} has a dynamic dimension other than 0 ({list(val.shape)}); "
+                                 "only the batch dimension may be dynamic")
+            tail.append(int(d))
+        if isinstance(val.shape[0], int):
+            raise ValueError(f"model input {name!r} has a static batch dimension {val.shape[0]}; "
+                             "export it with a dynamic dim 0 (tools/export_model.py does)")
+        spec.append({"name": name, "dtype": _np_dtype_name(val.dtype), "shape": [None] + tail})
+    if not spec:
+        raise ValueError("model has no tensor inputs")
+    return spec
+
+
+def load(path: str):
+    """Returns (callable module, input spec)."""
+    ep = torch.export.load(path)
+    return ep.module(), input_spec(ep)
+
+
+def example_inputs(spec: list[dict], batch: int, seed: int = 0) -> list[np.ndarray]:
+    """Inputs of the right dtype and shape for warm-up and profiling.
+
+    Integer inputs are zeros (always a valid index for embeddings); floats are standard normal."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for s in spec:
+        shape = (batch, *s["shape"][1:])
+        dt = np.dtype(s["dtype"])
+        if dt.kind == "f":
+            out.append(rng.standard_normal(shape).astype(dt))
+        else:
+            out.append(np.zeros(shape, dtype=dt))
+    return out
+
+
+def run(module, arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """Run the module on numpy inputs under inference mode; outputs as C-contiguous numpy arrays."""
+    with torch.inference_mode():
+        out = module(*[torch.from_numpy(a) for a in arrays])
+    leaves = tree_leaves(out)
+    return [np.ascontiguousarray(t.detach().numpy()) for t in leaves]
+
+
+def output_spec(outputs: list[np.ndarray]) -> list[dict]:
+    return [{"dtype": o.dtype.name, "shape": [None] + list(o.shape[1:])} for o in outputs]
