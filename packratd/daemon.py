@@ -20,6 +20,7 @@ import time
 import zmq
 
 from . import __version__, config as config_mod, notify
+from .control import ControlServer, control_endpoint
 from .dispatcher import BOOTING, READY, STOPPING, Dispatcher, WorkerHandle, proportional_split
 from .placement import InstanceSpec, PlacementError, format_plan, parse_plan, place
 from .topology import TopologyError, read_topology
@@ -85,6 +86,7 @@ class Daemon:
         except PlacementError as e:
             raise StartupError(f"plan {format_plan(self.plan)!r} cannot be placed: {e}") from None
         self.dispatcher = Dispatcher(self.ctx, cfg, [cfg.listen], cfg.worker_endpoint, splitter=proportional_split)
+        self.control = ControlServer(self.ctx, control_endpoint(rd), self)
 
     def choose_plan(self) -> list[InstanceSpec]:
         text = self.cfg["workers.plan"]
@@ -251,6 +253,7 @@ class Daemon:
         poller = zmq.Poller()
         poller.register(d.backend, zmq.POLLIN)
         poller.register(rfd.fileno(), zmq.POLLIN)
+        poller.register(self.control.sock, zmq.POLLIN)
         timeout = 0.05
         while True:
             events = dict(poller.poll(max(0, int(timeout * 1000))))
@@ -266,6 +269,8 @@ class Daemon:
                 d.on_frontend()
             if d.backend in events:
                 d.on_backend()
+            if self.control.sock in events:
+                self.control.on_readable()
             self.handle_events(now)
             self.reap(now)
             self.respawn_due(now)
@@ -294,6 +299,28 @@ class Daemon:
                     return EXIT_OK
                 timeout = min(timeout, 0.05)
             timeout = min(timeout, 0.2)
+
+    # ---- control commands (packratctl) -------------------------------------------------------
+    def cmd_status(self) -> dict:
+        d = self.dispatcher
+        now = time.monotonic()
+        st = d.stats
+        workers = [{"name": w.name, "generation": w.generation, "index": w.index, "state": w.state,
+                    "pid": w.proc.pid, "threads": w.threads, "cpus": list(w.cpus), "share": w.share,
+                    "torch_threads": w.info.get("threads"), "busy_s": round(w.busy_s, 3), "tasks": w.tasks_done}
+                   for w in sorted(d.workers.values(), key=lambda w: (w.generation, w.index))]
+        return {
+            "version": __version__, "pid": os.getpid(), "uptime_s": now - self.started,
+            "state": "stopping" if self.stopping else ("serving" if self.serving else "starting"),
+            "model": self.cfg["model.path"], "listen": self.cfg.listen,
+            "topology": self.topology.to_dict() if self.topology else None,
+            "plan": format_plan(self.plan), "generation": self.generation,
+            "active_generation": d.active_generation, "workers": workers,
+            "queue_rows": d.queued_rows, "inflight_batches": len(d.batches),
+            "requests": st.requests, "rows": st.rows, "batches": st.batches, "errors": dict(st.errors),
+            "worker_deaths": st.worker_deaths, "slices_resent": st.slices_resent,
+            "latency_ms": st.percentiles(), "spec": d.spec, "max_batch_size": d.max_batch,
+        }
 
     def shutdown_workers(self) -> None:
         """SIGTERM every worker, wait up to stop_grace_s, then SIGKILL what is left."""

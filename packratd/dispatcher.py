@@ -29,7 +29,7 @@ log = logging.getLogger("packratd.dispatcher")
 BOOTING, READY, STOPPING = "booting", "ready", "stopping"
 
 
-@dataclass
+@dataclass(eq=False)
 class WorkerHandle:
     identity: bytes
     generation: int
@@ -52,7 +52,7 @@ class WorkerHandle:
         return self.identity.decode()
 
 
-@dataclass
+@dataclass(eq=False)
 class Pending:
     envelope: list                  # routing frames to answer on
     id: str
@@ -66,7 +66,7 @@ class Pending:
     retries: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class Slice:
     task: int
     batch: "Batch"
@@ -80,7 +80,7 @@ class Slice:
     resends: int = 0
 
 
-@dataclass
+@dataclass(eq=False)
 class Batch:
     id: int
     generation: int

@@ -1,0 +1,132 @@
+"""Shared fixtures: exported test models and a real packratd daemon in a subprocess."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    from tools.export_model import export
+    d = tmp_path_factory.mktemp("models")
+    for name in ("tiny_mlp", "tiny_two_input"):
+        export(name, str(d / f"{name}.pt2"))
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_model(models_dir):
+    return str(models_dir / "tiny_mlp.pt2")
+
+
+@pytest.fixture(scope="session")
+def two_input_model(models_dir):
+    return str(models_dir / "tiny_two_input.pt2")
+
+
+def load_module(path):
+    import torch
+    return torch.export.load(path).module()
+
+
+class DaemonProc:
+    """A real packratd process; stop() checks it leaves no worker behind."""
+
+    def __init__(self, tmp_path, model, plan=None, extra=(), config=None, env=None):
+        tmp_path.mkdir(parents=True, exist_ok=True)
+        self.dir = tmp_path
+        self.runtime_dir = str(tmp_path / "run")
+        self.state_dir = str(tmp_path / "state")
+        self.endpoint = f"ipc://{self.runtime_dir}/packratd.sock"
+        self.log_path = tmp_path / "daemon.log"
+        cmd = [sys.executable, "-m", "packratd.daemon", "--model", model,
+               "--runtime-dir", self.runtime_dir, "--state-dir", self.state_dir,
+               "--set", "workers.warmup_batches=1", "--set", "workers.heartbeat_interval_s=0.5"]
+        if plan:
+            cmd += ["--plan", plan]
+        if config:
+            cmd += ["--config", config]
+        cmd += list(extra)
+        self.log = open(self.log_path, "w")
+        e = dict(os.environ, PYTHONPATH=ROOT)
+        e.update(env or {})
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
+        self.ps = psutil.Process(self.proc.pid)
+
+    def logs(self) -> str:
+        self.log.flush()
+        return self.log_path.read_text()
+
+    def wait_serving(self, timeout=120.0):
+        from packratd.client import Client
+        deadline = time.monotonic() + timeout
+        sock = self.endpoint[6:]
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            if os.path.exists(sock):
+                c = Client(self.endpoint, timeout=5)
+                try:
+                    c.ping()
+                    return self
+                except TimeoutError:
+                    pass
+                finally:
+                    c.close()
+            time.sleep(0.1)
+        raise RuntimeError(f"daemon not serving after {timeout}s:\n{self.logs()}")
+
+    def control(self, cmd="status", **args):
+        from packratd.control import ControlClient, control_endpoint
+        return ControlClient(control_endpoint(self.runtime_dir), timeout=10).call(cmd, **args)
+
+    def worker_pids(self) -> list[int]:
+        return [w["pid"] for w in self.control()["workers"]]
+
+    def children(self):
+        try:
+            return self.ps.children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+
+    def stop(self, sig=signal.SIGTERM, timeout=60.0) -> int:
+        kids = self.children()
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        gone, alive = psutil.wait_procs(kids, timeout=15)
+        for p in alive:
+            p.kill()
+        self.log.close()
+        assert not alive, f"workers left behind after stop: {[p.pid for p in alive]}"
+        return rc
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    started = []
+
+    def start(model, plan=None, wait=True, **kw):
+        d = DaemonProc(tmp_path / f"d{len(started)}", model, plan, **kw)
+        started.append(d)
+        if wait:
+            d.wait_serving()
+        return d
+
+    yield start
+    for d in started:
+        if d.proc.poll() is None:
+            d.stop()
