@@ -1,12 +1,15 @@
-"""Loading a torch.export archive and describing its inputs and outputs (imports torch)."""
+"""Loading a torch.export archive and describing its inputs and outputs.
+
+torch is imported inside the functions that need it, so the daemon (which never runs the
+model itself) can use :func:`example_inputs` without loading torch.
+"""
 from __future__ import annotations
 
 import numpy as np
-import torch
-from torch.utils._pytree import tree_leaves
 
 
-def _np_dtype_name(dtype: torch.dtype) -> str:
+def _np_dtype_name(dtype) -> str:
+    import torch
     try:
         return torch.empty(0, dtype=dtype).numpy().dtype.name
     except TypeError:
@@ -15,6 +18,7 @@ def _np_dtype_name(dtype: torch.dtype) -> str:
 
 def input_spec(ep) -> list[dict]:
     """Describe the user inputs of an ExportedProgram: name, numpy dtype name, shape with None for dim 0."""
+    import torch
     user_inputs = list(ep.graph_signature.user_inputs)
     nodes = {n.name: n for n in ep.graph.nodes if n.op == "placeholder"}
     spec = []
@@ -42,6 +46,7 @@ def input_spec(ep) -> list[dict]:
 
 def load(path: str):
     """Returns (callable module, input spec)."""
+    import torch
     ep = torch.export.load(path)
     return ep.module(), input_spec(ep)
 
@@ -64,6 +69,8 @@ def example_inputs(spec: list[dict], batch: int, seed: int = 0) -> list[np.ndarr
 
 def run(module, arrays: list[np.ndarray]) -> list[np.ndarray]:
     """Run the module on numpy inputs under inference mode; outputs as C-contiguous numpy arrays."""
+    import torch
+    from torch.utils._pytree import tree_leaves
     with torch.inference_mode():
         out = module(*[torch.from_numpy(a) for a in arrays])
     leaves = tree_leaves(out)

@@ -129,9 +129,17 @@ def parse_request(frames: list, max_bytes: int | None = None) -> Request:
     if op not in OPS:
         raise ProtocolError(UNKNOWN_OP, f"op {op!r} is not one of {', '.join(OPS)}")
     timeout_ms = obj.get("timeout_ms")
-    if timeout_ms is not None and (isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float))
-                                   or not math.isfinite(timeout_ms) or timeout_ms <= 0):
-        raise ProtocolError(BAD_HEADER, "timeout_ms must be a positive number")
+    if timeout_ms is not None:
+        if isinstance(timeout_ms, bool) or not isinstance(timeout_ms, (int, float)):
+            raise ProtocolError(BAD_HEADER, "timeout_ms must be a positive number")
+        try:
+            # JSON integers are unbounded: float() (not math.isfinite, which raised OverflowError and
+            # surfaced as INTERNAL) rejects those beyond a double, and the dispatcher only ever sees a float.
+            timeout_ms = float(timeout_ms)
+        except OverflowError:
+            raise ProtocolError(BAD_HEADER, "timeout_ms must be a positive number") from None
+        if not math.isfinite(timeout_ms) or timeout_ms <= 0:
+            raise ProtocolError(BAD_HEADER, "timeout_ms must be a positive number")
     if op != "infer":
         if len(frames) != 1:
             raise ProtocolError(BAD_HEADER, f"op {op} takes no buffers, got {len(frames) - 1}")
@@ -199,6 +207,8 @@ def parse_reply(frames: list):
         obj = json.loads(bytes(frames[0]).decode())
     except (UnicodeDecodeError, ValueError) as e:
         raise ProtocolError(INTERNAL, f"daemon sent an unreadable header: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError(INTERNAL, "daemon sent a header that is not a JSON object")
     rid = obj.get("id", "")
     if obj.get("status") != "ok":
         raise ReplyError(rid, obj.get("code", INTERNAL), obj.get("message", ""))

@@ -84,6 +84,23 @@ def worker_env(base: dict, threads: int, cpus: list[int], allocator: str, pin_th
     return env
 
 
+def spawn(cfg, endpoint: str, identity: str, threads: int, cpus, warmup_batch: int, model_path: str | None = None):
+    """Start one worker process exactly as serving needs it (used by the daemon and the profiler)."""
+    import subprocess
+    cpus = list(cpus)
+    cmd = [sys.executable, "-m", "packratd.worker",
+           "--endpoint", endpoint, "--identity", identity,
+           "--model", os.path.abspath(model_path or cfg["model.path"]), "--threads", str(threads),
+           "--cpus", ",".join(map(str, cpus)), "--pin-threads", str(int(cfg["workers.pin_threads"])),
+           "--warmup", str(cfg["workers.warmup_batches"]), "--warmup-batch", str(warmup_batch),
+           "--hb-interval", str(cfg["workers.heartbeat_interval_s"]),
+           "--hb-liveness", str(cfg["workers.heartbeat_liveness"])]
+    env = worker_env(os.environ, threads, cpus, cfg["workers.allocator"], cfg["workers.pin_threads"])
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True)
+
+
 def set_parent_death_signal(sig=signal.SIGKILL) -> None:
     """Die with the daemon even if it is SIGKILLed (Linux prctl PR_SET_PDEATHSIG)."""
     try:

@@ -201,4 +201,4 @@ def test_bad_model_file_fails_fast(daemon, tmp_path):
     d = daemon(str(bad), plan="2x1:4", wait=False)
     rc = d.proc.wait(timeout=120)
     assert rc == 3, d.logs()
-    assert "failed to boot" in d.logs()
+    assert "failed to start" in d.logs() and "not a zip file" in d.logs()
