@@ -402,7 +402,8 @@ class Dispatcher:
         wake = min(wake, max(0.0, self.next_hb - now))
         limit = self.hb_interval * self.hb_liveness
         for w in list(self.workers.values()):
-            if now - w.last_seen > limit and w.state != STOPPING:
+            # A booting worker may hold the GIL for seconds while torch loads; boot_timeout_s covers it.
+            if now - w.last_seen > limit and w.state == READY:
                 self.events.append(("silent", w, f"no heartbeat for {now - w.last_seen:.1f}s"))
                 w.last_seen = now   # report once per period; the daemon kills it
         self._resend_orphans(now)

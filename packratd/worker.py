@@ -28,6 +28,7 @@ import time
 
 EXIT_BOOT_FAILED = 3      # the model could not be loaded or warmed up: do not respawn in a loop
 EXIT_ORPHANED = 4         # the dispatcher stopped answering heartbeats
+ORPHAN_MIN_S = 30.0
 
 _ALLOCATOR_LIBS = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
@@ -166,9 +167,12 @@ class IOThread(threading.Thread):
                     if frames[0].bytes == b"BOOTFAIL":
                         time.sleep(0.2)     # let the message leave before the process exits
                         os._exit(EXIT_BOOT_FAILED)
-            if time.monotonic() - last_seen > self.hb_interval * self.hb_liveness:
+            # The daemon's death is caught by PR_SET_PDEATHSIG; this catches a daemon that is alive but
+            # wedged, so it is lenient: a loaded host must not make healthy workers quit.
+            limit = max(ORPHAN_MIN_S, 4 * self.hb_interval * self.hb_liveness)
+            if time.monotonic() - last_seen > limit:
                 sys.stderr.write(f"packratd-worker {self.identity.decode()}: dispatcher silent for "
-                                 f"{self.hb_interval * self.hb_liveness:.1f}s, exiting\n")
+                                 f"{limit:.1f}s, exiting\n")
                 os._exit(EXIT_ORPHANED)
 
 

@@ -50,7 +50,7 @@ class DaemonProc:
         self.log_path = tmp_path / "daemon.log"
         cmd = [sys.executable, "-m", "packratd.daemon", "--model", model,
                "--runtime-dir", self.runtime_dir, "--state-dir", self.state_dir,
-               "--set", "workers.warmup_batches=1", "--set", "workers.heartbeat_interval_s=0.5"]
+               "--set", "workers.warmup_batches=1"]
         if plan:
             cmd += ["--plan", plan]
         if config:
@@ -130,3 +130,24 @@ def daemon(tmp_path):
     for d in started:
         if d.proc.poll() is None:
             d.stop()
+
+
+def write_profile(state_dir: str, model: str, lat_by_threads: dict, **overrides) -> str:
+    """Put a profile with the given table into the daemon's cache, under the key the daemon will compute.
+
+    Used where a real profile of a tiny model on 2 noisy cores could not give a reliable shape shift;
+    everything after the cache (solver, monitor, generations, workers) is real."""
+    import json
+    from packratd import config as config_mod, profiler
+    from packratd.topology import read_topology
+    over = {"model.path": model, "server.state_dir": state_dir}
+    over.update(overrides)
+    cfg = config_mod.load(None, over)
+    topo = read_topology()
+    key, ident = profiler.cache_key(cfg, topo, model)
+    assert ident["threads"] == sorted(lat_by_threads), (ident["threads"], sorted(lat_by_threads))
+    lat = [[float(lat_by_threads[t](b)) for b in ident["batches"]] for t in ident["threads"]]
+    rec = {"format": profiler.PROFILE_FORMAT, "key": key, "ident": ident, "created": time.time(), "wall_s": 0.0,
+           "threads": ident["threads"], "batches": ident["batches"], "lat_ms": lat}
+    profiler.write_atomic(os.path.join(profiler.profile_dir(cfg), f"{key}.json"), json.dumps(rec).encode())
+    return key

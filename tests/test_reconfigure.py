@@ -1,0 +1,217 @@
+"""Blue-green reconfiguration under load: no request lost, failed or answered twice."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+import uuid
+
+import numpy as np
+import psutil
+import pytest
+import torch
+import zmq
+
+from packratd import protocol as P
+from tests.conftest import DaemonProc, load_module, write_profile
+
+pytestmark = pytest.mark.skipif(len(psutil.Process().cpu_affinity()) < 2, reason="needs 2 usable CPUs")
+
+MAXB = 16
+# A crafted profile in which one 2-thread instance wins small batches and two 1-thread instances
+# win large ones (see tests/test_monitor.py); everything downstream of the cache is real.
+TABLE = {1: lambda b: 2 + 0.8 * b, 2: lambda b: 1 + 0.6 * b}
+MONITOR = ["--set", f"server.max_batch_size={MAXB}", "--set", "autotune.batch_size=1",
+           "--set", "autotune.interference_check=false", "--set", "monitor.interval_s=0.3",
+           "--set", "monitor.window_s=2.5", "--set", "monitor.min_batches=8", "--set", "monitor.min_dwell_s=2",
+           "--set", "monitor.confirmations=2", "--set", "server.max_delay_ms=1"]
+
+
+def start(tmp_path, model, extra=(), plan=None):
+    d = DaemonProc(tmp_path, model, plan=plan, extra=list(MONITOR) + list(extra))
+    return d
+
+
+class Load:
+    """Client threads with raw DEALER sockets: unique ids, every reply checked and counted."""
+
+    def __init__(self, endpoint, module, n_threads=3):
+        self.endpoint = endpoint
+        self.module = module
+        self.rows = 1
+        self.stop = threading.Event()
+        self.lock = threading.Lock()
+        self.sent = 0
+        self.ok = 0
+        self.failures = []
+        self.dupes = []
+        self.threads = [threading.Thread(target=self.run, args=(k,), daemon=True) for k in range(n_threads)]
+
+    def run(self, k):
+        ctx = zmq.Context.instance()
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
+        rng = np.random.default_rng(k)
+        answered = set()
+        while not self.stop.is_set():
+            n = self.rows
+            x = rng.standard_normal((n, 64)).astype(np.float32)
+            rid = uuid.uuid4().hex
+            s.send_multipart(P.request_frames(rid, [x]))
+            with self.lock:
+                self.sent += 1
+            got = None
+            deadline = time.monotonic() + 60
+            while got is None and time.monotonic() < deadline:
+                if not s.poll(1000):
+                    continue
+                frames = s.recv_multipart()
+                try:
+                    rrid, arrays, _ = P.parse_reply(frames)
+                except P.ReplyError as e:
+                    with self.lock:
+                        self.failures.append(f"{e.code}: {e.message}")
+                    got = "error"
+                    break
+                if rrid in answered or rrid != rid:
+                    with self.lock:
+                        self.dupes.append(rrid)
+                    continue
+                answered.add(rrid)
+                got = arrays
+            if got is None:
+                with self.lock:
+                    self.failures.append(f"no answer for {rid}")
+                continue
+            if got == "error":
+                continue
+            with torch.inference_mode():
+                want = self.module(torch.from_numpy(x)).numpy()
+            if got[0].shape != want.shape or not np.allclose(got[0], want, rtol=1e-4, atol=1e-5):
+                with self.lock:
+                    self.failures.append(f"wrong answer for {rid}")
+            else:
+                with self.lock:
+                    self.ok += 1
+        # anything arriving late would be a duplicate answer
+        while s.poll(300):
+            with self.lock:
+                self.dupes.append(P.parse_reply(s.recv_multipart())[0])
+        s.close()
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        for t in self.threads:
+            t.join(90)
+
+
+def wait_for(fn, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = fn()
+        if v:
+            return v
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def shape(d):
+    return sorted(i["threads"] for i in d.control()["instances"])
+
+
+def live_worker_pids(d):
+    return sorted(p.pid for p in d.children() if "packratd.worker" in " ".join(p.cmdline()))
+
+
+def test_reconfigures_by_itself_under_shifting_load(tmp_path, tiny_model):
+    state = str(tmp_path / "d" / "state")
+    write_profile(state, tiny_model, TABLE, **{"server.max_batch_size": MAXB})
+    d = start(tmp_path / "d", tiny_model)
+    d.wait_serving()
+    st = d.control()
+    assert st["plan"] == "2:1", st["plan"]                   # small batches: one fat instance
+    module = load_module(tiny_model)
+    with Load(d.endpoint, module) as load:
+        time.sleep(2)
+        load.rows = MAXB                                       # traffic shifts to large batches
+        wait_for(lambda: shape(d) == [1, 1], 90, "switch to two 1-thread instances")
+        time.sleep(2)
+        load.rows = 1                                          # and back
+        wait_for(lambda: shape(d) == [2], 90, "switch back to one 2-thread instance")
+        time.sleep(1.5)
+    st = d.control()
+    assert not load.failures, load.failures[:5]
+    assert not load.dupes, load.dupes[:5]
+    assert load.ok == load.sent and load.ok > 50
+    assert st["reconfigurations"] >= 2
+    switches = [h for h in st["history"] if h.get("switch")]
+    assert len(switches) >= 2 and all(h["switch"]["reason"].startswith("monitor:") for h in switches[:2])
+    # exactly one live generation once the old one is gone
+    wait_for(lambda: len(d.control()["generations"]) == 1, 30, "one live generation")
+    assert len(live_worker_pids(d)) == 1
+    print(f"\nreconfiguration under load: {load.sent} requests, {load.ok} correct, 0 failed; timelines: "
+          + json.dumps([h["switch"] for h in switches]))
+    assert d.stop() == 0
+
+
+def test_green_that_fails_to_boot_leaves_blue_serving(tmp_path, tiny_model):
+    model = str(tmp_path / "model.pt2")
+    shutil.copy(tiny_model, model)
+    d = start(tmp_path / "d", model, plan="2x1:8")
+    d.wait_serving()
+    module = load_module(model)
+    blue = d.control()["active_generation"]
+    with Load(d.endpoint, module, n_threads=2) as load:
+        time.sleep(1)
+        with open(model, "wb") as f:                            # the model file is broken on disk
+            f.write(b"not a model any more")
+        d.control("reconfigure", plan="1x2:16")
+        st = wait_for(lambda: (lambda s: s if any(h.get("state") == "failed" for h in s["history"]) else None)(d.control()),
+                      60, "failed attempt in status")
+        time.sleep(1)
+    failed = [h for h in st["history"] if h.get("state") == "failed"]
+    assert failed and "failed to start" in failed[-1]["error"] and "zip" in failed[-1]["error"]
+    assert st["active_generation"] == blue and st["plan"] == "2x1:8"
+    assert not load.failures and not load.dupes and load.ok == load.sent and load.ok > 10
+    assert len(live_worker_pids(d)) == 2
+    assert "abandoned" in d.logs()
+    assert d.stop() == 0
+
+
+def test_repeated_triggers_leave_one_generation(tmp_path, tiny_model):
+    d = start(tmp_path / "d", tiny_model, plan="2x1:8")
+    d.wait_serving()
+    module = load_module(tiny_model)
+    with Load(d.endpoint, module, n_threads=2) as load:
+        r1 = d.control("reconfigure", plan="1x2:16")
+        r2 = d.control("reconfigure", plan="1x1:8")        # while the first is starting: coalesced
+        d.proc.send_signal(signal.SIGHUP)
+        d.proc.send_signal(signal.SIGHUP)
+        r3 = d.control("reconfigure", plan="2x1:4")
+        assert r1["coalesced"] is False and r3["coalesced"] is True
+        wait_for(lambda: (lambda s: not s["reconfig_pending"] and len(s["generations"]) == 1
+                          and s["generations"][0]["state"] == "active")(d.control()), 90, "settled")
+        time.sleep(1)
+        st = d.control()
+        if st["reconfig_pending"] or len(st["generations"]) != 1:
+            st = wait_for(lambda: (lambda s: s if not s["reconfig_pending"] and len(s["generations"]) == 1 else None)(d.control()),
+                          60, "settled again")
+    assert not load.failures and not load.dupes and load.ok == load.sent
+    st = d.control()
+    assert len(st["generations"]) == 1
+    assert st["reconfig_coalesced"] >= 2
+    inst = st["instances"]
+    pids = live_worker_pids(d)
+    assert len(pids) == len(inst) == len(st["workers"])
+    cpus = [c for i in inst for c in i["cpus"]]
+    assert len(cpus) == len(set(cpus))                    # no two instances on one core
+    assert d.stop() == 0
