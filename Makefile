@@ -12,7 +12,7 @@ STATE_DIR ?= $(CURDIR)/state
 PLAN ?=
 TEST_ARGS ?=
 
-.PHONY: run test bench install deps models clean config
+.PHONY: run test bench install deps models clean config install-service
 
 $(STAMP): pyproject.toml
 	@command -v pkg-config >/dev/null && pkg-config --exists libsystemd 2>/dev/null || \
@@ -45,6 +45,10 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VPY) tools/bench_serving.py
+
+# sudo make install-service MODEL=/srv/models/m.pt2 [INSTALL_ARGS="--enable --start"]
+install-service: $(STAMP)
+	sh systemd/install.sh --bin $(CURDIR)/$(VENV)/bin/packratd $(if $(MODEL),--model $(abspath $(MODEL)),) $(INSTALL_ARGS)
 
 config: $(STAMP)
 	$(VENV)/bin/packratd --dump-config > etc/packratd/packratd.toml

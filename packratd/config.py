@@ -76,7 +76,7 @@ OPTIONS: tuple[Option, ...] = (
            "How long the oldest queued request may wait for others to join its batch while workers are idle.", _non_negative),
     Option("server.max_queue_rows", int, 4096, "Rows that may wait in the queue; beyond it requests get OVERLOADED at once.", _positive),
     Option("server.max_message_bytes", int, 1 << 28,
-           "Largest client message accepted; larger ones are dropped by ZeroMQ before they are allocated (ZMQ_MAXMSGSIZE).", _positive),
+           "Largest client message: a frame above it is dropped by ZeroMQ before it is allocated (ZMQ_MAXMSGSIZE); frames adding up to more get TOO_LARGE.", _positive),
     Option("workers.plan", str, "",
            'Instances to run, e.g. "2x1:4" (2 instances of 1 thread, batch share 4 each) or "2:8,1:4". Empty: packratd chooses.', _plan),
     Option("workers.use_smt", bool, False, "Use SMT siblings as extra threads (default: one thread per physical core)."),

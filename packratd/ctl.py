@@ -60,6 +60,18 @@ def main(argv=None) -> int:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("status", help="topology, plan, workers, traffic")
     s.add_argument("--json", action="store_true", help="machine-readable output")
+    s = sub.add_parser("profile", help="show the latency table, or measure it again with --refresh")
+    s.add_argument("--refresh", action="store_true", help="re-profile now (the running plan keeps serving meanwhile)")
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("plan", help="what the solver would choose for a batch size, without switching")
+    s.add_argument("--batch-size", "-b", type=int, required=True)
+    s.add_argument("--json", action="store_true")
+    s = sub.add_parser("reconfigure", help="start a new worker generation (blue-green, no request lost)")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--batch-size", "-b", type=int, help="re-solve for this batch size")
+    g.add_argument("--plan", help='run this plan, e.g. "2x1:4"')
+    sub.add_parser("reload", help="reload the config file and re-solve (same as SIGHUP / systemctl reload)")
+    sub.add_parser("drain", help="stop taking requests, finish those in flight, then exit")
     args = p.parse_args(argv)
     client = ControlClient(control_endpoint(args.runtime_dir), timeout=args.timeout)
     try:
@@ -67,10 +79,49 @@ def main(argv=None) -> int:
             st = client.call("status")
             st.pop("ok", None)
             print(json.dumps(st, indent=2) if args.json else render_status(st))
+        elif args.command == "profile":
+            r = client.call("profile", refresh=args.refresh)
+            r.pop("ok", None)
+            if args.refresh:
+                print("re-profiling queued; watch progress with: packratctl status")
+            else:
+                print(json.dumps(r, indent=2) if args.json else render_profile(r))
+        elif args.command == "plan":
+            r = client.call("plan", batch_size=args.batch_size)
+            r.pop("ok", None)
+            if args.json:
+                print(json.dumps(r, indent=2))
+            else:
+                print(f"batch {r['batch_size']}: {r['best']}")
+                for ru in r["runners_up"]:
+                    print(f"  runner-up: {ru}")
+        elif args.command == "reconfigure":
+            r = client.call("reconfigure", batch_size=args.batch_size, plan=args.plan)
+            print("reconfiguration queued" + (" (replaced one already waiting)" if r.get("coalesced") else "")
+                  + "; watch it with: packratctl status")
+        elif args.command == "reload":
+            r = client.call("reload")
+            if not r.get("reloaded"):
+                print(f"packratctl: config not reloaded: {r.get('error')}", file=sys.stderr)
+                return 1
+            print("config reloaded; re-solving" + (f" (restart needed for: {', '.join(r['restart_only_kept'])})"
+                                                  if r.get("restart_only_kept") else ""))
+        elif args.command == "drain":
+            client.call("drain")
+            print("draining: new requests get DRAINING, the daemon exits when in-flight work is done")
     except ControlError as e:
         print(f"packratctl: {e}", file=sys.stderr)
         return 1
     return 0
+
+
+def render_profile(r: dict) -> str:
+    bs = r["batches"]
+    lines = [f"profile {r['key']}: measured in {r.get('wall_s') or 0:.0f}s, latency in ms (rows: threads, columns: batch)"]
+    lines.append("threads " + "".join(f"{b:>9}" for b in bs))
+    for t, row in zip(r["threads"], r["lat_ms"]):
+        lines.append(f"{t:>7} " + "".join(f"{v:>9.2f}" if v == v else f"{'-':>9}" for v in row))
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -557,12 +557,15 @@ class Daemon:
         self.reload("SIGHUP")
 
     def reload(self, why: str) -> dict:
-        notify.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
+        # RELOADING=1/READY=1 only once serving: a READY=1 during start-up would tell systemd we serve.
+        if self.serving:
+            notify.notify("RELOADING=1\nMONOTONIC_USEC=%d" % (time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000))
         try:
             new = config_mod.load(self.config_path, self.overrides)
         except config_mod.ConfigError as e:
             log.error("%s: config not reloaded, keeping the running one: %s", why, e)
-            notify.notify("READY=1")
+            if self.serving:
+                notify.notify("READY=1")
             return {"reloaded": False, "error": str(e)}
         kept = [k for k in RESTART_ONLY if new[k] != self.cfg[k]]
         if kept:
@@ -581,7 +584,8 @@ class Daemon:
             d.spec = None if self.active is None else d.spec
         log.info("%s: config reloaded from %s; re-solving", why, self.config_path or "<defaults>")
         self.request_reconfigure({"reason": why + ": config reloaded", "reload": True, "force": model_changed})
-        notify.notify("READY=1\n" + self.status_line())
+        if self.serving:
+            notify.notify("READY=1\n" + self.status_line())
         return {"reloaded": True, "restart_only_kept": kept}
 
     def handle_chld(self) -> None:
@@ -659,8 +663,13 @@ class Daemon:
         if self.watchdog and now >= self.next_watchdog:
             notify.notify("WATCHDOG=1")
             self.next_watchdog = now + self.watchdog
-        if now >= self.next_status and self.serving:
-            notify.notify(self.status_line())
+        if now >= self.next_status:
+            if self.serving:
+                notify.notify(self.status_line())
+            elif self.tuner is not None:
+                # First-start profiling can take minutes: say how far it is and keep systemd's start timeout ahead.
+                p = self.tuner.progress.snapshot()
+                notify.notify(f"STATUS=autotuning: {p['state']} {p['progress']}\nEXTEND_TIMEOUT_USEC={int(120e6)}")
             self.next_status = now + 5.0
 
     def status_line(self) -> str:

@@ -381,7 +381,7 @@ class Dispatcher:
             if self.queued_rows + rows > self.max_queue_rows:
                 raise P.ProtocolError(P.OVERLOADED, f"queue is full ({self.queued_rows} rows waiting); retry later")
         except P.ProtocolError as e:
-            self._reply_error(env, e.code, e.message, rid)
+            self._reply_error(env, e.code, e.message, rid or e.id)
             return
         except Exception as e:  # noqa: BLE001 - nothing a client sends may take the daemon down
             log.exception("unexpected error on a client message")
@@ -458,7 +458,10 @@ class Dispatcher:
         oldest = self.queue[0]
         due = oldest.t_arrival + self.max_delay
         if self.queued_rows < self.max_batch and now < due and not oldest.isolate:
-            return due - now
+            # Do not hold a request for batch mates past its own deadline.
+            soonest = min((r.deadline for r in self.queue if r.deadline is not None), default=None)
+            if soonest is None or soonest > due:
+                return due - now
         taken, rows = [], 0
         while self.queue:
             r = self.queue[0]

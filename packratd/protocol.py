@@ -49,6 +49,7 @@ class ProtocolError(Exception):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.id = ""        # the request's id, when the header got far enough to carry one
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,16 @@ def parse_request(frames: list, max_bytes: int | None = None) -> Request:
         raise ProtocolError(BAD_HEADER, f"header is not UTF-8 JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError(BAD_HEADER, "header must be a JSON object")
+    rid = obj.get("id", "")
+    try:
+        return _parse_fields(obj, frames, max_bytes)
+    except ProtocolError as e:
+        # Echo the request's id on every error we can attribute, so the client can match it.
+        e.id = rid if isinstance(rid, str) and len(rid) <= MAX_ID_CHARS else ""
+        raise
+
+
+def _parse_fields(obj: dict, frames: list, max_bytes: int | None) -> Request:
     v = obj.get("v")
     if v != VERSION or isinstance(v, bool):
         raise ProtocolError(BAD_VERSION, f"protocol version {v!r} is not supported (this daemon speaks {VERSION})")

@@ -78,7 +78,8 @@ def thread_env(threads: int, cpus: list[int], pin_threads: bool) -> dict[str, st
 
 def worker_env(base: dict, threads: int, cpus: list[int], allocator: str, pin_threads: bool) -> dict[str, str]:
     env = dict(base)
-    for k in ("OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+    # Workers never talk to systemd: the main process alone sends READY/WATCHDOG.
+    for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
         env.pop(k, None)
     env.update(allocator_env(allocator))
     env.update(thread_env(threads, cpus, pin_threads))
