@@ -86,15 +86,29 @@ class Client:
             if got == rid:
                 return arrays, head
 
+    RETRY_CODES = frozenset({P.DRAINING, P.OVERLOADED})
+
     def infer(self, *inputs, timeout: float | None = None, request_id: str | None = None,
-              deadline_ms: float | None = None) -> list[np.ndarray]:
+              deadline_ms: float | None = None, retries: int = 0, backoff: float = 0.1) -> list[np.ndarray]:
         """Run the model on one request (each input with the batch on dim 0); returns the outputs.
 
-        Raises ReplyError (with .code) for an error reply and InferenceTimeout when no answer comes."""
+        Raises ReplyError (with .code) for an error reply and InferenceTimeout when no answer comes.
+        With ``retries``, a timeout or a DRAINING/OVERLOADED reply (a daemon restarting or busy) is
+        retried with the SAME request id after an exponential back-off; an answer to any attempt of
+        this request is this request's answer, and answers for other ids are never returned."""
         rid = request_id or uuid.uuid4().hex
         arrays = [_to_numpy(x) for x in inputs]
-        out, _ = self._call(P.request_frames(rid, arrays, timeout_ms=deadline_ms), rid, timeout)
-        return out
+        frames = P.request_frames(rid, arrays, timeout_ms=deadline_ms)
+        attempt = 0
+        while True:
+            try:
+                out, _ = self._call(frames, rid, timeout)
+                return out
+            except (InferenceTimeout, ReplyError) as e:
+                if attempt >= retries or (isinstance(e, ReplyError) and e.code not in self.RETRY_CODES):
+                    raise
+            time.sleep(min(2.0, backoff * 2 ** attempt))
+            attempt += 1
 
     def spec(self, timeout: float | None = None) -> dict:
         """The model's inputs and outputs and the daemon's max batch size."""
@@ -168,3 +182,35 @@ class AsyncClient:
         if self._reader is not None:
             self._reader.cancel()
         self.sock.close(linger=0)
+
+
+def main(argv=None) -> int:
+    """python -m packratd.client ENDPOINT [--batch N]: send one request shaped from the model's spec."""
+    import argparse
+    import sys
+    from .model import example_inputs
+    p = argparse.ArgumentParser(prog="python -m packratd.client", description=main.__doc__)
+    p.add_argument("endpoint", nargs="?", default="ipc:///run/packratd/packratd.sock")
+    p.add_argument("--batch", "-b", type=int, default=1)
+    p.add_argument("--timeout", type=float, default=30.0)
+    args = p.parse_args(argv)
+    c = Client(args.endpoint, timeout=args.timeout)
+    try:
+        spec = c.spec()
+        xs = example_inputs(spec["inputs"], args.batch)
+        t0 = time.perf_counter()
+        ys = c.infer(*xs)
+        ms = (time.perf_counter() - t0) * 1000
+    except (InferenceTimeout, ReplyError) as e:
+        print(f"packratd.client: {e}", file=sys.stderr)
+        return 1
+    finally:
+        c.close()
+    ins = ", ".join(f"{s['name']} {x.dtype}{list(x.shape)}" for s, x in zip(spec["inputs"], xs))
+    outs = ", ".join(f"{y.dtype}{list(y.shape)}" for y in ys)
+    print(f"sent {ins} -> got {outs} in {ms:.1f} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -136,6 +136,9 @@ class Daemon:
         self.next_status = 0.0
         self.watchdog = notify.watchdog_interval()
         self.reconfigurations = 0
+        self.bad_cpus: set[int] = set()
+        self._topo_view = None
+        self.failed_instances: list = []
 
     def _make_monitor(self) -> Monitor:
         c = self.cfg
@@ -194,7 +197,8 @@ class Daemon:
 
     @property
     def T(self) -> int:
-        return self.topology.n_cores * (max(1, self.topology.smt) if self.cfg["workers.use_smt"] else 1)
+        t = self.topo_view()
+        return t.n_cores * (max(1, t.smt) if self.cfg["workers.use_smt"] else 1)
 
     # ---- autotuning ----------------------------------------------------------------------
     def start_tuner(self, reason: str, refresh: bool = False, batch_size: int | None = None) -> None:
@@ -237,7 +241,7 @@ class Daemon:
     def solve_plan(self, batch_size: int):
         """Best placeable plan for batch_size from the profile: (InstanceSpec list, predicted ms)."""
         sol = solve(self.table, self.T, batch_size, top_k=max(2, self.cfg["autotune.candidates"]))
-        plans = profiler.placeable(self.cfg, self.topology, [sol.best, *sol.runners_up])
+        plans = profiler.placeable(self.cfg, self.topo_view(), [sol.best, *sol.runners_up])
         if not plans:
             raise ValueError(f"no plan for batch {batch_size} fits the NUMA layout")
         return [InstanceSpec(t, b) for t, b in plans[0].instances], plans[0].latency_ms
@@ -253,7 +257,7 @@ class Daemon:
     # ---- generations ---------------------------------------------------------------------
     def start_generation(self, plan, reason: str, predicted: float | None = None, measured: float | None = None) -> Generation | None:
         try:
-            placements = place(plan, self.topology, use_smt=self.cfg["workers.use_smt"])
+            placements = place(plan, self.topo_view(), use_smt=self.cfg["workers.use_smt"])
         except PlacementError as e:
             if self.active is None:
                 raise StartupError(f"plan {format_plan(plan)!r} cannot be placed: {e}") from None
@@ -365,7 +369,7 @@ class Daemon:
         log.error("generation %d abandoned (%s); generation %d keeps serving", g.number, g.error, self.active.number)
 
     def _finish_if_gone(self, g: Generation, now: float) -> None:
-        if any(gg is g for _, gg, _ in self.retiring):
+        if g.state not in (RETIRED, FAILED) or any(gg is g for _, gg, _ in self.retiring):
             return
         g.gone_at = now
         if g.state in (RETIRED, FAILED):
@@ -397,33 +401,64 @@ class Daemon:
                 continue
             was = h.state
             self.dispatcher.remove_worker(h, f"exit {rc}")
-            if self.stopping:
-                continue
-            g = self.gens[h.generation]
-            self.dispatcher.stats.worker_deaths += 1
-            slot = self.slots[(h.generation, h.index)]
-            why = h.boot_error or f"exit status {rc}"
-            if g.state == STARTING:
-                g.failed_boots += 1
-                g.boot_errors.append(f"{h.name}: {why}")
-                log.error("worker %s of starting generation %d failed: %s", h.name, g.number, why)
-                continue
-            if g.state != ACTIVE:
-                continue
-            if was == BOOTING:
-                slot["failures"] += 1
-                log.error("worker %s failed to boot: %s", h.name, why)
-            else:
-                slot["failures"] = 0 if now - h.spawned_at > 60 else slot["failures"] + 1
-                log.error("worker %s (pid %d) exited unexpectedly with status %s; replacing it on cpus %s",
-                          h.name, h.proc.pid, rc, ",".join(map(str, h.cpus)))
-            if slot["failures"] > self.cfg["workers.max_restarts"]:
-                log.error("instance %d of generation %d failed %d times in a row; not restarting it",
-                          h.index, h.generation, slot["failures"])
-                continue
-            slot["restarts"] += 1
-            slot["next_try"] = now + (min(30.0, 0.5 * 2 ** (slot["failures"] - 1)) if slot["failures"] else 0.0)
-            self.respawn.append((h.generation, h.index))
+            if not self.stopping:
+                self.worker_lost(h, was, h.boot_error or f"exit status {rc}", now)
+
+    def worker_lost(self, h: WorkerHandle, was: str, why: str, now: float) -> None:
+        """A worker died or was killed: replace it on its cores, with back-off; give up on an instance that keeps failing."""
+        g = self.gens[h.generation]
+        self.dispatcher.stats.worker_deaths += 1
+        slot = self.slots[(h.generation, h.index)]
+        if g.state == STARTING:
+            g.failed_boots += 1
+            g.boot_errors.append(f"{h.name}: {why}")
+            log.error("worker %s of starting generation %d failed: %s", h.name, g.number, why)
+            return
+        if g.state != ACTIVE:
+            return
+        if was == BOOTING:
+            slot["failures"] += 1
+            log.error("worker %s failed to boot: %s", h.name, why)
+        else:
+            slot["failures"] = 0 if now - h.spawned_at > 60 else slot["failures"] + 1
+            log.error("worker %s (pid %d) lost (%s); replacing it on cpus %s",
+                      h.name, h.proc.pid, why, ",".join(map(str, h.cpus)))
+        if slot["failures"] > self.cfg["workers.max_restarts"]:
+            self.instance_failed(g, h, slot["failures"], why)
+            return
+        slot["restarts"] += 1
+        slot["next_try"] = now + (min(30.0, 0.5 * 2 ** (slot["failures"] - 1)) if slot["failures"] else 0.0)
+        self.respawn.append((h.generation, h.index))
+
+    def instance_failed(self, g: Generation, h: WorkerHandle, failures: int, why: str) -> None:
+        """Stop restarting an instance that keeps failing; re-plan over the cores that remain."""
+        self.bad_cpus |= set(h.cpus)
+        self._topo_view = None
+        msg = (f"instance {h.index} of generation {g.number} failed {failures} times in a row ({why}); "
+               f"cpus {','.join(map(str, h.cpus))} taken out of service, re-planning over the remaining cores")
+        log.error("%s", msg)
+        self.history.append({"at": time.time(), "reason": "instance failed", "error": msg})
+        self.failed_instances.append({"generation": g.number, "index": h.index, "cpus": list(h.cpus), "why": why})
+        keep = [p for i, p in enumerate(g.plan) if i != h.index]
+        if not self.topo_view().cores:
+            log.error("no usable cores left; serving stops until an operator intervenes")
+            return
+        if self.table is not None and not self.cfg["workers.plan"]:
+            self.request_reconfigure({"reason": "re-plan after instance failure", "force": True})
+        elif keep:
+            self.request_reconfigure({"plan": format_plan(keep), "reason": "re-plan after instance failure", "force": True})
+
+    def topo_view(self):
+        """The topology without CPUs taken out of service."""
+        if not self.bad_cpus:
+            return self.topology
+        if self._topo_view is None:
+            allowed = set(self.topology.allowed_cpus) - self.bad_cpus
+            try:
+                self._topo_view = read_topology(allowed=allowed) if allowed else _EmptyTopology()
+            except TopologyError:
+                self._topo_view = _EmptyTopology()
+        return self._topo_view
 
     def respawn_due(self, now: float) -> None:
         for gi in list(self.respawn):
@@ -450,9 +485,15 @@ class Daemon:
             elif kind == "bootfail":
                 log.error("worker %s reports boot failure: %s", h.name, detail)
                 self.kill(h, signal.SIGKILL)
-            elif kind == "silent":
-                log.error("worker %s is not answering (%s); killing it", h.name, detail)
-                self.kill(h, signal.SIGKILL)
+            elif kind == "silent" and h.identity in d.workers:
+                # Stuck (SIGSTOP, a hung kernel, ...): take its slice back now, then SIGTERM, SIGKILL after a grace.
+                log.error("worker %s is not answering (%s); re-sending its work and replacing it", h.name, detail)
+                d.remove_worker(h, "not answering")
+                h.state = STOPPING
+                self.kill(h, signal.SIGTERM)
+                self.retiring.append((h, self.gens[h.generation], now + min(2.0, self.cfg["workers.stop_grace_s"])))
+                if not self.stopping:
+                    self.worker_lost(h, READY, "not answering heartbeats", now)
         for h in d.workers.values():
             if h.state == BOOTING and now - h.spawned_at > self.cfg["workers.boot_timeout_s"]:
                 h.boot_error = f"not READY after {self.cfg['workers.boot_timeout_s']:.0f}s"
@@ -524,7 +565,7 @@ class Daemon:
             return
         d = self.monitor.evaluate(now, self.table, self.T, tuple(p.threads for p in self.active.plan))
         if d.reconfigure:
-            fits = profiler.placeable(self.cfg, self.topology, [_PlanShim(d.plan)])
+            fits = profiler.placeable(self.cfg, self.topo_view(), [_PlanShim(d.plan)])
             if not fits:
                 log.info("monitor: recommended %s does not fit the NUMA layout; ignoring", d.plan)
                 return
@@ -747,6 +788,7 @@ class Daemon:
             "requests": st.requests, "rows": st.rows, "batches": st.batches, "errors": dict(st.errors),
             "request_rate": st.requests / max(1e-9, now - st.started),
             "worker_deaths": st.worker_deaths, "slices_resent": st.slices_resent,
+            "failed_instances": self.failed_instances, "cpus_out_of_service": sorted(self.bad_cpus),
             "latency_ms": st.percentiles(), "spec": d.spec, "max_batch_size": d.max_batch,
             "batch_histogram": {str(k): v for k, v in sorted(hist.items())},
             "monitor": self.monitor.last.to_dict() if self.monitor.last else None,
@@ -792,6 +834,12 @@ class Daemon:
         if not self.stopping:
             self.begin_stop("packratctl drain")
         return {"draining": True}
+
+
+class _EmptyTopology:
+    cores = ()
+    n_cores = 0
+    smt = 1
 
 
 class _PlanShim:

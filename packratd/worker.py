@@ -193,6 +193,11 @@ def main(argv=None) -> int:
 
     set_parent_death_signal()
     cpus = [int(c) for c in args.cpus.split(",")]
+    # Fault injection for the reliability tests only: a worker on these CPUs dies while booting.
+    crash_on = os.environ.get("PACKRATD_TEST_CRASH_AT_BOOT_ON_CPUS")
+    if crash_on and set(cpus) & {int(c) for c in crash_on.split(",")}:
+        sys.stderr.write(f"packratd-worker {args.identity}: injected boot crash (PACKRATD_TEST_CRASH_AT_BOOT_ON_CPUS)\n")
+        os._exit(86)
     # Pin and set the thread environment BEFORE torch (and its OpenMP runtime) is loaded.
     os.sched_setaffinity(0, cpus)
     os.environ.update(thread_env(args.threads, cpus, bool(args.pin_threads)))

@@ -183,7 +183,7 @@ def test_worker_killed_is_replaced_on_its_cores(daemon, tiny_model):
     assert after[1]["cpus"] == before[1]["cpus"]
     assert after[0]["pid"] == before[0]["pid"]
     assert d.control()["worker_deaths"] == 1
-    assert "exited unexpectedly" in d.logs()
+    assert "lost (exit status -9)" in d.logs()
     assert d.stop() == 0
 
 

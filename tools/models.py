@@ -462,3 +462,34 @@ def input_spec(ep) -> List[dict]:
         dtype = TORCH_TO_NUMPY_DTYPE.get(val.dtype, str(val.dtype).removeprefix("torch."))
         spec.append({"name": name, "dtype": dtype, "shape": shape})
     return spec
+
+
+class SlowMLP(nn.Module):
+    """Compute-heavy, weight-light: x float32 [B,256,256] -> float32 [B,8].
+
+    Used by the reliability tests, which need a batch that takes long enough to kill a worker
+    while it holds it (about 2*256^3*ITERS FLOP per row)."""
+    ITERS = 96
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(256, 256) / 256 ** 0.5)
+        self.head = nn.Linear(256, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        for _ in range(self.ITERS):
+            h = torch.tanh(h @ self.w)
+        return self.head(h.mean(dim=1))
+
+
+def slow_mlp(seed: int = DEFAULT_SEED) -> nn.Module:
+    with _seeded(seed):
+        return _finish(SlowMLP())
+
+
+def _ex_slow_mlp(batch: int, seed: int = 1, **_) -> Tuple[torch.Tensor, ...]:
+    return (torch.randn(batch, 256, 256, generator=_gen(seed)),)
+
+
+MODELS["slow_mlp"] = (slow_mlp, _ex_slow_mlp)
