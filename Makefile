@@ -43,8 +43,13 @@ run: $(STAMP) $(DEFAULT_MODEL)
 test: $(STAMP)
 	$(VPY) -m pytest -q $(TEST_ARGS)
 
+# The full run takes about an hour on a 2-core VM; each tool takes --help (and --quick where it makes sense).
 bench: $(STAMP)
+	$(VPY) tools/bench_solver.py --out benchmarks/solver.json
+	$(VPY) tools/bench_settings.py
 	$(VPY) tools/bench_serving.py
+	$(VPY) tools/bench_autotune.py
+	$(VPY) tools/bench_reconfig.py
 
 # sudo make install-service MODEL=/srv/models/m.pt2 [INSTALL_ARGS="--enable --start"]
 install-service: $(STAMP)

@@ -230,7 +230,7 @@ def main(argv=None) -> int:
         time.sleep(5)
         return EXIT_BOOT_FAILED
     ready = {"pid": os.getpid(), "spec": spec, "outputs": out_spec, "boot_s": time.monotonic() - t0,
-             "threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0))}
+             "threads": torch.get_num_threads(), "cpus": cpus}
     pair.send_multipart([b"READY", json.dumps(ready).encode()])
 
     dtypes = {}
