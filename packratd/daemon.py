@@ -760,7 +760,7 @@ class Daemon:
         st = d.stats
         workers = [{"name": w.name, "generation": w.generation, "index": w.index, "state": w.state,
                     "pid": w.proc.pid, "threads": w.threads, "cpus": list(w.cpus), "share": w.share,
-                    "torch_threads": w.info.get("threads"), "busy_s": round(w.busy_s, 3), "tasks": w.tasks_done}
+                    "torch_threads": w.info.get("threads"), "busy_s": round(w.busy_s, 3), "compute_s": round(w.compute_s, 3), "tasks": w.tasks_done}
                    for w in sorted(d.workers.values(), key=lambda w: (w.generation, w.index))]
         a = self.active
         prof = {"state": "none"}

@@ -43,7 +43,8 @@ class WorkerHandle:
     spawned_at: float = field(default_factory=time.monotonic)
     last_seen: float = field(default_factory=time.monotonic)
     info: dict = field(default_factory=dict)   # the READY message
-    busy_s: float = 0.0
+    busy_s: float = 0.0             # from sending a slice to its result arriving
+    compute_s: float = 0.0          # the worker's own model time for those slices
     tasks_done: int = 0
     boot_error: str | None = None
 
@@ -280,6 +281,7 @@ class Dispatcher:
             return   # a stale answer for a slice that was re-sent elsewhere
         w.task = None
         w.busy_s += now - sl.sent_at
+        w.compute_s += float(head.get("ms", 0.0)) / 1000.0
         w.tasks_done += 1
         del self.tasks[sl.task]
         sl.result = [np.frombuffer(fr.buffer, dtype=P.DTYPES[m["dtype"]]).reshape(m["shape"])

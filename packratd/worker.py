@@ -29,6 +29,7 @@ import time
 EXIT_BOOT_FAILED = 3      # the model could not be loaded or warmed up: do not respawn in a loop
 EXIT_ORPHANED = 4         # the dispatcher stopped answering heartbeats
 ORPHAN_MIN_S = 30.0
+GOMP_SPINCOUNT = "300000"
 
 _ALLOCATOR_LIBS = {
     "jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
@@ -65,8 +66,11 @@ def thread_env(threads: int, cpus: list[int], pin_threads: bool) -> dict[str, st
         "OMP_NUM_THREADS": str(threads),
         "MKL_NUM_THREADS": str(threads),
         "OPENBLAS_NUM_THREADS": str(threads),
-        "KMP_BLOCKTIME": "1",
-        "OMP_WAIT_POLICY": "PASSIVE" if threads == 1 else "ACTIVE",
+        "KMP_BLOCKTIME": "1",          # Intel OpenMP, if a model brings it
+        # torch's wheel uses GNU libgomp: OMP_WAIT_POLICY=ACTIVE would spin idle threads ~3e10 times
+        # (a whole core burnt for minutes after every batch, stealing from co-located generations).
+        # A short spin bridges the gaps between parallel regions inside one forward pass.
+        "GOMP_SPINCOUNT": GOMP_SPINCOUNT,
     }
     if pin_threads:
         env["OMP_PROC_BIND"] = "close"
@@ -79,7 +83,7 @@ def thread_env(threads: int, cpus: list[int], pin_threads: bool) -> dict[str, st
 def worker_env(base: dict, threads: int, cpus: list[int], allocator: str, pin_threads: bool) -> dict[str, str]:
     env = dict(base)
     # Workers never talk to systemd: the main process alone sends READY/WATCHDOG.
-    for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
+    for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "OMP_WAIT_POLICY", "OMP_PROC_BIND", "OMP_PLACES", "LD_PRELOAD", "MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_"):
         env.pop(k, None)
     env.update(allocator_env(allocator))
     env.update(thread_env(threads, cpus, pin_threads))

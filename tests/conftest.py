@@ -38,6 +38,21 @@ def load_module(path):
     return torch.export.load(path).module()
 
 
+_ALL_DAEMONS: list = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_daemon_outlives_the_session():
+    """Whatever a failing test left running is stopped (daemon and workers) when the session ends."""
+    yield
+    for d in _ALL_DAEMONS:
+        if d.proc.poll() is None:
+            for p in d.children():
+                p.kill()
+            d.proc.kill()
+            d.proc.wait()
+
+
 class DaemonProc:
     """A real packratd process; stop() checks it leaves no worker behind."""
 
@@ -61,6 +76,7 @@ class DaemonProc:
         e.update(env or {})
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
         self.ps = psutil.Process(self.proc.pid)
+        _ALL_DAEMONS.append(self)
 
     def logs(self) -> str:
         self.log.flush()

@@ -30,9 +30,19 @@ MONITOR = ["--set", f"server.max_batch_size={MAXB}", "--set", "autotune.batch_si
            "--set", "monitor.confirmations=2", "--set", "server.max_delay_ms=1"]
 
 
-def start(tmp_path, model, extra=(), plan=None):
-    d = DaemonProc(tmp_path, model, plan=plan, extra=list(MONITOR) + list(extra))
-    return d
+@pytest.fixture
+def start():
+    """Start daemons with the monitor settings; every one is stopped at teardown, pass or fail."""
+    started = []
+
+    def go(tmp_path, model, extra=(), plan=None):
+        d = DaemonProc(tmp_path, model, plan=plan, extra=list(MONITOR) + list(extra))
+        started.append(d)
+        return d
+    yield go
+    for d in started:
+        if d.proc.poll() is None:
+            d.stop()
 
 
 class Load:
@@ -132,7 +142,7 @@ def live_worker_pids(d):
     return sorted(p.pid for p in d.children() if "packratd.worker" in " ".join(p.cmdline()))
 
 
-def test_reconfigures_by_itself_under_shifting_load(tmp_path, tiny_model):
+def test_reconfigures_by_itself_under_shifting_load(start, tmp_path, tiny_model):
     state = str(tmp_path / "d" / "state")
     write_profile(state, tiny_model, TABLE, **{"server.max_batch_size": MAXB})
     d = start(tmp_path / "d", tiny_model)
@@ -163,7 +173,7 @@ def test_reconfigures_by_itself_under_shifting_load(tmp_path, tiny_model):
     assert d.stop() == 0
 
 
-def test_green_that_fails_to_boot_leaves_blue_serving(tmp_path, tiny_model):
+def test_green_that_fails_to_boot_leaves_blue_serving(start, tmp_path, tiny_model):
     model = str(tmp_path / "model.pt2")
     shutil.copy(tiny_model, model)
     d = start(tmp_path / "d", model, plan="2x1:8")
@@ -187,7 +197,7 @@ def test_green_that_fails_to_boot_leaves_blue_serving(tmp_path, tiny_model):
     assert d.stop() == 0
 
 
-def test_repeated_triggers_leave_one_generation(tmp_path, tiny_model):
+def test_repeated_triggers_leave_one_generation(start, tmp_path, tiny_model):
     d = start(tmp_path / "d", tiny_model, plan="2x1:8")
     d.wait_serving()
     module = load_module(tiny_model)
