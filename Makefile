@@ -10,6 +10,7 @@ DEFAULT_MODEL := $(MODELS)/tiny_mlp.pt2
 RUNTIME_DIR ?= $(CURDIR)/run
 STATE_DIR ?= $(CURDIR)/state
 PLAN ?=
+METRICS_PORT ?= 9464
 TEST_ARGS ?=
 
 .PHONY: run test bench install deps models clean config install-service
@@ -37,8 +38,9 @@ models: $(STAMP)
 
 run: $(STAMP) $(DEFAULT_MODEL)
 	@mkdir -p $(RUNTIME_DIR) $(STATE_DIR)
+	@echo "packratd: metrics on http://127.0.0.1:$(METRICS_PORT)/metrics; status: .venv/bin/packratctl --runtime-dir run status"
 	$(VENV)/bin/packratd --model $(DEFAULT_MODEL) --runtime-dir $(RUNTIME_DIR) --state-dir $(STATE_DIR) \
-	  $(if $(PLAN),--plan $(PLAN),)
+	  --set metrics.port=$(METRICS_PORT) $(if $(PLAN),--plan $(PLAN),)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(TEST_ARGS)

@@ -54,6 +54,10 @@ def _endpoint(v):
     return None
 
 
+def _port(v):
+    return None if 0 <= v <= 65535 else "must be a TCP port, 0-65535 (0: disabled)"
+
+
 def _plan(v):
     if not v:
         return None
@@ -77,6 +81,16 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.max_queue_rows", int, 4096, "Rows that may wait in the queue; beyond it requests get OVERLOADED at once.", _positive),
     Option("server.max_message_bytes", int, 1 << 28,
            "Largest client message: a frame above it is dropped by ZeroMQ before it is allocated (ZMQ_MAXMSGSIZE); frames adding up to more get TOO_LARGE.", _positive),
+    Option("server.socket_group", str, "",
+           "Group (name or numeric gid) whose members may use the client and control sockets: server.runtime_dir is made "
+           "0770 and the sockets 0660, owned by this group. Empty: only packratd's own user (and root)."),
+    Option("server.curve", bool, True,
+           "With a tcp:// server.listen, require CURVE (encryption and client keys). TCP is off by default (server.listen is "
+           "ipc://) and binds only the address given; false allows plain TCP: anyone who reaches the port can use the model."),
+    Option("server.curve_keys_dir", str, "",
+           "Where the server's CURVE keypair is kept (made on first start; clients need server.key). Empty: <state_dir>/curve."),
+    Option("server.curve_clients_dir", str, "/etc/packratd/curve-clients",
+           "Public keys (*.key) of the clients allowed over tcp://; any other key fails the handshake. Re-read on reload."),
     Option("workers.plan", str, "",
            'Instances to run, e.g. "2x1:4" (2 instances of 1 thread, batch share 4 each) or "2:8,1:4". Empty: packratd chooses.', _plan),
     Option("workers.use_smt", bool, False, "Use SMT siblings as extra threads (default: one thread per physical core)."),
@@ -112,6 +126,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("monitor.confirmations", int, 2, "Consecutive evaluations the same better shape must win before switching.", _positive),
     Option("monitor.objective", str, "mean", "What the monitor minimises over the window: mean, p50, p90 or p99 batch latency.",
            _one_of("mean", "p50", "p90", "p99")),
+    Option("metrics.port", int, 0, "Port of the Prometheus metrics HTTP server (/metrics); 0 disables it.", _port),
+    Option("metrics.address", str, "127.0.0.1", "Address the metrics HTTP server binds; 0.0.0.0 or :: for every interface."),
     Option("log.level", str, "info", "Log level: debug, info, warning, error.", _one_of("debug", "info", "warning", "error")),
 )
 

@@ -26,10 +26,11 @@ import time
 
 import zmq
 
-from . import __version__, config as config_mod, notify, profiler
+from . import __version__, config as config_mod, notify, profiler, security
 from . import worker as worker_mod
 from .control import ControlServer, control_endpoint
 from .dispatcher import BOOTING, READY, STOPPING, Dispatcher, WorkerHandle, proportional_split
+from .metrics import Metrics
 from .generations import (ACTIVE, DRAINING, FAILED, RETIRED, STARTING, Generation, GenView, ReconfigQueue,
                           may_retire, may_switch, should_abandon)
 from .monitor import Monitor
@@ -45,7 +46,9 @@ EXIT_BOOT = 3            # the first generation could not start (bad model?)
 
 SIGNALS = {signal.SIGTERM: "term", signal.SIGINT: "int", signal.SIGHUP: "hup", signal.SIGCHLD: "chld"}
 # Options that need a restart to change (they name sockets and directories already in use).
-RESTART_ONLY = ("server.listen", "server.runtime_dir", "server.state_dir", "server.max_message_bytes")
+RESTART_ONLY = ("server.listen", "server.runtime_dir", "server.state_dir", "server.max_message_bytes",
+                "server.socket_group", "server.curve", "server.curve_keys_dir", "server.curve_clients_dir",
+                "metrics.port", "metrics.address")
 
 
 class StartupError(Exception):
@@ -136,6 +139,9 @@ class Daemon:
         self.next_status = 0.0
         self.watchdog = notify.watchdog_interval()
         self.reconfigurations = 0
+        self.metrics = Metrics()
+        self.next_metrics = 0.0
+        self.auth = None                       # CURVE ZAP handler (tcp:// listen only)
         self.bad_cpus: set[int] = set()
         self._topo_view = None
         self.failed_instances: list = []
@@ -161,15 +167,39 @@ class Daemon:
             log.warning("topology: %s", w)
         log.info("topology: %s", self.topology.describe().replace("\n", "; "))
         rd = cfg["server.runtime_dir"]
-        os.makedirs(rd, mode=0o770, exist_ok=True)
+        group = cfg["server.socket_group"] or None
+        try:
+            security.prepare_runtime_dir(rd, group)
+        except (security.SecurityError, OSError) as e:
+            raise StartupError(f"server.runtime_dir: {e}") from None
         os.makedirs(cfg["server.state_dir"], mode=0o750, exist_ok=True)
         for ep in [cfg.worker_endpoint, cfg.listen, control_endpoint(rd)]:
             if ep.startswith("ipc://") and len(ep) - 6 > 100:
                 raise StartupError(f"ipc socket path {ep[6:]!r} is longer than the 100 characters Unix sockets allow; "
                                    "use a shorter server.runtime_dir")
-        self.dispatcher = Dispatcher(self.ctx, cfg, [cfg.listen], cfg.worker_endpoint, splitter=proportional_split,
-                                     observers=[self])
-        self.control = ControlServer(self.ctx, control_endpoint(rd), self)
+        curve_secret = None
+        if cfg.listen.startswith("tcp://"):
+            if cfg["server.curve"]:
+                try:
+                    _, curve_secret = security.load_or_create_server_keys(
+                        cfg["server.curve_keys_dir"] or os.path.join(cfg["server.state_dir"], "curve"))
+                    self.auth = security.start_authenticator(self.ctx, cfg["server.curve_clients_dir"])
+                except (security.SecurityError, OSError) as e:
+                    raise StartupError(f"CURVE for {cfg.listen}: {e}") from None
+            else:
+                log.warning("listening on %s without CURVE (server.curve = false): anyone who reaches it can use the model",
+                            cfg.listen)
+        try:
+            self.metrics.start(cfg["metrics.address"], cfg["metrics.port"])
+        except OSError as e:
+            raise StartupError(f"metrics: cannot listen on {cfg['metrics.address']}:{cfg['metrics.port']}: {e}") from None
+        try:
+            self.dispatcher = Dispatcher(self.ctx, cfg, [cfg.listen], cfg.worker_endpoint, splitter=proportional_split,
+                                         observers=[self, self.metrics], curve_secret_file=curve_secret, socket_group=group)
+            self.control = ControlServer(self.ctx, control_endpoint(rd), self)
+            security.secure_ipc(control_endpoint(rd), group)
+        except security.SecurityError as e:
+            raise StartupError(str(e)) from None
 
     def begin(self) -> None:
         if self.cfg["workers.plan"]:
@@ -324,6 +354,7 @@ class Daemon:
             old.state = DRAINING
             old.retire_at = now
             self.reconfigurations += 1
+            self.metrics.on_reconfiguration(now - g.created)
             log.info("generation %d active (plan %s) %.2fs after it was started; generation %d draining",
                      g.number, g.plan_text, now - g.created, old.number)
         self.monitor.note_reconfigured(now)
@@ -613,6 +644,8 @@ class Daemon:
             log.warning("%s: %s change only on restart; keeping the running values", why, ", ".join(kept))
             new = new.replace(**{k: self.cfg[k] for k in kept})
         model_changed = new["model.path"] != self.cfg["model.path"]
+        if self.auth is not None:          # pick up added / removed client keys
+            self.auth.configure_curve(domain="*", location=new["server.curve_clients_dir"])
         self.cfg = new
         d = self.dispatcher
         d.cfg = new
@@ -712,6 +745,9 @@ class Daemon:
                 p = self.tuner.progress.snapshot()
                 notify.notify(f"STATUS=autotuning: {p['state']} {p['progress']}\nEXTEND_TIMEOUT_USEC={int(120e6)}")
             self.next_status = now + 5.0
+        if self.metrics.port and now >= self.next_metrics:
+            self.metrics.update(self.cmd_status())
+            self.next_metrics = now + 1.0
 
     def status_line(self) -> str:
         a = self.active
@@ -745,6 +781,9 @@ class Daemon:
             self.dispatcher.close()
         if self.control is not None:
             self.control.close()
+        self.metrics.stop()
+        if self.auth is not None:
+            self.auth.stop()               # its sockets live in self.ctx: stop it before term()
         self.ctx.term()
         for ep in (self.cfg.listen, self.cfg.worker_endpoint):
             if ep.startswith("ipc://"):

@@ -23,6 +23,7 @@ import numpy as np
 import zmq
 
 from . import protocol as P
+from . import security
 
 log = logging.getLogger("packratd.dispatcher")
 
@@ -140,7 +141,7 @@ class Stats:
 class Dispatcher:
     def __init__(self, ctx: zmq.Context, cfg, listeners: list[str], worker_endpoint: str,
                  splitter: Callable[[int, Sequence[WorkerHandle]], list[int]] = proportional_split,
-                 observers: Sequence = ()):
+                 observers: Sequence = (), curve_secret_file: str | None = None, socket_group: str | None = None):
         self.ctx = ctx
         self.cfg = cfg
         self.max_batch = cfg["server.max_batch_size"]
@@ -153,11 +154,14 @@ class Dispatcher:
         self.worker_endpoint = worker_endpoint
         self.splitter = splitter
         self.observers = list(observers)   # objects with on_batch(rows, latency_s) etc. (metrics, monitor)
+        self.curve_secret_file = curve_secret_file   # CURVE server key for tcp:// listeners (None: plain)
+        self.socket_group = socket_group
 
         self.backend = ctx.socket(zmq.ROUTER)
         self.backend.setsockopt(zmq.LINGER, 0)
         self.backend.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self.backend.bind(worker_endpoint)
+        security.secure_ipc(worker_endpoint, None, mode=0o600)   # a peer here could pose as a worker
         self.frontend = None
 
         self.workers: dict[bytes, WorkerHandle] = {}
@@ -182,8 +186,11 @@ class Dispatcher:
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.MAXMSGSIZE, self.max_bytes)
         s.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if self.curve_secret_file and any(ep.startswith("tcp://") for ep in self.listeners):
+            security.make_curve_server(s, self.curve_secret_file)   # before bind; applies to every endpoint of s
         for ep in self.listeners:
             s.bind(ep)
+            security.secure_ipc(ep, self.socket_group)
         self.frontend = s
 
     def close(self) -> None:
