@@ -24,7 +24,11 @@ def render_status(st: dict) -> str:
     if topo:
         lines.append(f"topology   {topo.get('cpu_model', '?')}: {len(topo.get('sockets', []))} socket(s), "
                      f"{len(topo.get('nodes', []))} NUMA node(s), {topo.get('n_cores', '?')} usable core(s)")
-    lines.append(f"plan       {st['plan']}  (generation {st['generation']}, active {st['active_generation']})")
+    inst = st.get("instances") or []
+    shape = ", ".join(f"{i['threads']}t x {i['batch_share']} rows on cpus {','.join(map(str, i['cpus']))}" for i in inst)
+    lines.append(f"plan       {st['plan']}  = {len(inst)} instance(s): {shape}" if inst else f"plan       {st['plan']}")
+    lines.append(f"generation {st['active_generation']} active" + (f", {len(st['generations'])} live" if len(st.get("generations") or []) > 1 else "")
+                 + (f", {st['reconfigurations']} reconfiguration(s) so far" if st.get("reconfigurations") else ""))
     for k in ("predicted_ms", "measured_ms"):
         if st.get(k) is not None:
             lines.append(f"{k.split('_')[0]:<10} {_fmt_ms(st[k])}")
@@ -47,8 +51,20 @@ def render_status(st: dict) -> str:
         lines.append("errors     " + ", ".join(f"{k} {v}" for k, v in sorted(st["errors"].items())))
     if st.get("worker_deaths"):
         lines.append(f"faults     {st['worker_deaths']} worker death(s), {st['slices_resent']} slice(s) re-sent")
-    if st.get("last_reconfiguration"):
-        lines.append(f"last reconfiguration: {st['last_reconfiguration']}")
+    if st.get("batch_histogram"):
+        lines.append("batches    " + ", ".join(f"{k} rows x{v}" for k, v in st["batch_histogram"].items()) + " (monitor window)")
+    if st.get("monitor"):
+        lines.append(f"monitor    {st['monitor']['reason']}")
+    last = st.get("last_reconfiguration")
+    if last:
+        if last.get("switch"):
+            sw = last["switch"]
+            lines.append(f"last switch generation {last['generation']} -> {sw['to']}: green ready after {sw['green_ready_s']:.1f}s, "
+                         f"old gone after {sw['blue_gone_s']:.1f}s ({sw['reason']})")
+        else:
+            lines.append(f"last reconfiguration: {last.get('reason')}: {last.get('error') or last.get('result') or last.get('state')}")
+    if st.get("cpus_out_of_service"):
+        lines.append(f"out of service: cpus {','.join(map(str, st['cpus_out_of_service']))} (instance failed repeatedly)")
     return "\n".join(lines)
 
 
