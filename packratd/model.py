@@ -54,7 +54,8 @@ def load(path: str):
 def example_inputs(spec: list[dict], batch: int, seed: int = 0) -> list[np.ndarray]:
     """Inputs of the right dtype and shape for warm-up and profiling.
 
-    Integer inputs are zeros (always a valid index for embeddings); floats are standard normal."""
+    Floats are standard normal; integers and booleans are all ones (a valid token id for any
+    vocabulary of two or more, and "keep" for an attention mask, so no row is fully masked)."""
     rng = np.random.default_rng(seed)
     out = []
     for s in spec:
@@ -63,7 +64,7 @@ def example_inputs(spec: list[dict], batch: int, seed: int = 0) -> list[np.ndarr
         if dt.kind == "f":
             out.append(rng.standard_normal(shape).astype(dt))
         else:
-            out.append(np.zeros(shape, dtype=dt))
+            out.append(np.ones(shape, dtype=dt))
     return out
 
 

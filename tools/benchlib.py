@@ -149,20 +149,9 @@ def ensure_model(name: str, models_dir: str | None = None, log=print) -> str:
 
 
 def make_inputs(spec: list[dict], batch: int, seed: int = 0) -> list[np.ndarray]:
-    """Bench inputs from a packratd input spec: floats standard normal; integers all ones
-    (a valid token id, and "keep" for an attention mask, so no row is fully masked)."""
-    rng = np.random.default_rng(seed)
-    out = []
-    for s in spec:
-        shape = (batch, *s["shape"][1:])
-        dt = np.dtype(s["dtype"])
-        if dt.kind == "f":
-            out.append(rng.standard_normal(shape).astype(dt))
-        elif dt.kind == "b":
-            out.append(np.ones(shape, dtype=dt))
-        else:
-            out.append(np.ones(shape, dtype=dt))
-    return out
+    """Bench inputs from a packratd input spec: the same inputs packratd warms up and profiles with."""
+    from packratd.model import example_inputs
+    return example_inputs(spec, batch, seed)
 
 
 def checksum(arrays) -> float:
