@@ -720,15 +720,20 @@ class Daemon:
             timeout = d.tick(now)
             self.housekeeping(now)
             if self.stopping:
+                done = None
                 if self.force:
-                    d.fail_all("DRAINING", "packratd was stopped before this request could finish")
-                    return EXIT_OK
-                if d.idle() and self.tuner is None:
+                    done = "packratd was stopped before this request could finish"
+                elif d.idle() and self.tuner is None:
                     log.info("drained; stopping workers")
-                    return EXIT_OK
-                if now > self.stop_deadline:
+                    done = ""
+                elif now > self.stop_deadline:
                     log.warning("drain grace (%.0fs) expired; failing what is left", self.cfg["workers.stop_grace_s"])
-                    d.fail_all("DRAINING", "packratd stopped before this request could finish")
+                    done = "packratd stopped before this request could finish"
+                if done is not None:
+                    if d.frontend is not None:
+                        d.on_frontend()      # requests already on the socket get DRAINING, not silence
+                    if done:
+                        d.fail_all("DRAINING", done)
                     return EXIT_OK
                 timeout = min(timeout, 0.05)
             timeout = min(timeout, 0.2)
