@@ -139,7 +139,7 @@ def test_example_inputs_are_valid():
     assert g.dtype == torch.int64 and g.max() < 50257
     x, t = M.example_inputs("tiny_two_input", 4)
     assert t.dtype == torch.int64 and t.max() < 100 and x.dtype == torch.float32
-    assert set(M.MODELS) == {"resnet50", "bert", "gpt2", "tiny_mlp", "tiny_two_input"}
+    assert set(M.MODELS) == {"resnet50", "bert", "gpt2", "tiny_mlp", "tiny_two_input", "slow_mlp"}
 
 
 # --- big architectures: eager only, batch 1, short sequences ---------------

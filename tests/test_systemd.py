@@ -180,7 +180,7 @@ def test_start_returns_once_serving(ctx):
     d = os.stat(os.path.dirname(ctx.sock))
     assert s.st_uid == uid and d.st_uid == uid
     assert oct(d.st_mode & 0o777) == "0o770", oct(d.st_mode)
-    assert oct(s.st_mode & 0o777) == "0o770", oct(s.st_mode)
+    assert oct(s.st_mode & 0o777) == "0o660", oct(s.st_mode)          # packratd.security.secure_ipc
     # the daemon and its workers run as packratd
     main = ctx.sb.host_pid(int(p["MainPID"]))
     assert main and os.stat(f"/proc/{main}").st_uid == uid
