@@ -271,10 +271,11 @@ class Daemon:
     def solve_plan(self, batch_size: int):
         """Best placeable plan for batch_size from the profile: (InstanceSpec list, predicted ms)."""
         sol = solve(self.table, self.T, batch_size, top_k=max(2, self.cfg["autotune.candidates"]))
-        plans = profiler.placeable(self.cfg, self.topo_view(), [sol.best, *sol.runners_up])
+        plans = profiler.candidate_plans(self.cfg, self.topo_view(), sol)
         if not plans:
             raise ValueError(f"no plan for batch {batch_size} fits the NUMA layout")
-        return [InstanceSpec(t, b) for t, b in plans[0].instances], plans[0].latency_ms
+        best, ms = profiler.prefer_fat([(p, p.latency_ms) for p in plans], sol.fat, self.cfg["autotune.split_margin"])
+        return [InstanceSpec(t, b) for t, b in best.instances], ms
 
     def predict(self, plan, batch_size: int) -> float | None:
         if self.table is None:

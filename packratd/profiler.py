@@ -386,18 +386,41 @@ def placeable(cfg, topo, plans) -> list[Plan]:
     return ok
 
 
+def prefer_fat(scored: list[tuple[Plan, float]], fat: Plan | None, margin: float) -> tuple[Plan, float]:
+    """The lowest-latency (plan, ms), except that the single fat instance is kept unless another plan
+    beats it by more than ``margin``: co-location interference and gathering slices from several
+    workers cost something no isolated profile shows, so a near tie goes to one instance."""
+    best = min(scored, key=lambda pm: pm[1])
+    if fat is None or best[0].shape == fat.shape:
+        return best
+    fat_entry = next((pm for pm in scored if pm[0].shape == fat.shape), None)
+    if fat_entry is not None and best[1] > fat_entry[1] * (1 - margin):
+        return fat_entry
+    return best
+
+
+def candidate_plans(cfg, topo, sol) -> list[Plan]:
+    """The solver's best plans that fit the NUMA layout, best first, the fat instance always among them."""
+    plans = placeable(cfg, topo, [sol.best, *sol.runners_up])
+    n = max(1, cfg["autotune.candidates"])
+    fat = [p for p in plans if sol.fat is not None and p.shape == sol.fat.shape]
+    rest = [p for p in plans if p not in fat]
+    return (rest[:n - 1] + fat + rest[n - 1:])[:n] if fat and n > 1 else plans[:n]
+
+
 def choose(cfg, topo, table: LatencyTable, batch_size: int, driver: Driver | None, progress: Progress) -> tuple:
     """Solve for batch_size; measure the best few candidates concurrently if configured; pick the measured best."""
     T = topo.n_cores * (max(1, topo.smt) if cfg["workers.use_smt"] else 1)
     sol = solve(table, T, batch_size, top_k=max(cfg["autotune.candidates"], 2))
-    plans = placeable(cfg, topo, [sol.best, *sol.runners_up])
+    plans = candidate_plans(cfg, topo, sol)
     if not plans:
         raise ProfileError(f"no plan for batch {batch_size} fits the cores' NUMA layout")
-    plans = plans[:max(1, cfg["autotune.candidates"])]
+    margin = cfg["autotune.split_margin"]
     if driver is None or not cfg["autotune.interference_check"] or len(plans) == 1:
-        return plans[0], None, [(str(p), p.latency_ms, None) for p in plans]
+        best, _ = prefer_fat([(p, p.latency_ms) for p in plans], sol.fat, margin)
+        return best, None, [(str(p), p.latency_ms, None) for p in plans]
     measured = check_candidates(cfg, topo, plans, driver, progress)
-    best, best_ms = min(measured, key=lambda pm: pm[1])
+    best, best_ms = prefer_fat(measured, sol.fat, margin)
     return best, best_ms, [(str(p), p.latency_ms, m) for p, m in measured]
 
 

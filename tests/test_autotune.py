@@ -23,8 +23,11 @@ def test_daemon_profiles_solves_checks_and_serves(daemon, tiny_model):
     assert st["measured_ms"] is not None and st["measured_ms"] > 0   # the interference check ran
     cands = st["autotune"]["candidates"]
     assert len(cands) == 2 and all(c[2] is not None for c in cands)
-    chosen = [c for c in cands if c[0].startswith(_shape_prefix(st))]
-    assert chosen and min(c[2] for c in cands) == st["measured_ms"]   # committed to the measured best
+    measured = [c[2] for c in cands]
+    assert st["measured_ms"] in measured
+    if st["measured_ms"] != min(measured):
+        # a near tie goes to the single fat instance (autotune.split_margin)
+        assert len(st["instances"]) == 1 and min(measured) > st["measured_ms"] * (1 - 0.05), (st["instances"], cands)
     assert st["profile"]["state"] == "ready" and st["profile"]["age_s"] >= 0
     assert "profiling tiny_mlp.pt2" in d.logs()
     module = load_module(tiny_model)
@@ -42,12 +45,6 @@ def test_daemon_profiles_solves_checks_and_serves(daemon, tiny_model):
     assert "using cached profile" in d2.logs() and "profiling tiny_mlp.pt2" not in d2.logs()
     assert d2.control()["profile"]["key"] == st["profile"]["key"]
     assert d2.stop() == 0
-
-
-def _shape_prefix(st):
-    # "2x<1t,2> (pred ...)" style strings start with the instance count and threads of the chosen plan
-    inst = st["instances"]
-    return f"{len(inst)}x<{inst[0]['threads']}t" if len({(i['threads'], i['batch_share']) for i in inst}) == 1 else ""
 
 
 def test_configured_plan_overrides_autotune(daemon, tiny_model):

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from packratd import config as config_mod
 from packratd.metrics import Metrics
 
 
@@ -203,20 +202,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-# ---- end to end: the real daemon (active once the metrics.* options are wired in) --------------------
-_KEYS = {o.key for o in config_mod.OPTIONS}
-
+# ---- end to end: the real daemon ------------------------------------------------------------------
 
 @pytest.mark.slow
-@pytest.mark.skipif("metrics.port" not in _KEYS,
-                    reason="packratd.config has no metrics.port option yet: packratd.metrics is not wired into the daemon")
 def test_daemon_serves_metrics(daemon, tiny_model):
     from packratd.client import Client, ReplyError
 
     port = _free_port()
-    extra = ["--set", f"metrics.port={port}"]
-    if "metrics.address" in _KEYS:
-        extra += ["--set", "metrics.address=127.0.0.1"]
+    extra = ["--set", f"metrics.port={port}", "--set", "metrics.address=127.0.0.1"]
     d = daemon(tiny_model, plan="2x1:4", extra=extra)
     c = Client(d.endpoint, timeout=30)
     try:

@@ -1,7 +1,6 @@
 """Tests for tools/models.py and tools/export_model.py (fast: tiny models are
 exported; the big architectures are only built and run eagerly at batch 1)."""
 
-import os
 import stat
 import sys
 from pathlib import Path

@@ -77,7 +77,6 @@ def test_cache_key_covers_host_and_settings(tmp_path, tiny_model):
     assert ident["torch"] and ident["topology"] == topo.fingerprint() and ident["cpu_model"] == topo.cpu_model
     assert profiler.cache_key(_cfg(tmp_path, tiny_model, **{"workers.allocator": "glibc"}), topo, tiny_model)[0] != base
     assert profiler.cache_key(_cfg(tmp_path, tiny_model, **{"server.max_batch_size": 8}), topo, tiny_model)[0] != base
-    from tests.fixtures.make_sysfs import write_tree  # noqa: F401  (fixture generator exists)
     other = read_topology(os.path.join(os.path.dirname(__file__), "fixtures", "sysfs", "xeon2s"), allowed=set(range(64)),
                           cpuinfo_path=os.path.join(os.path.dirname(__file__), "fixtures", "cpuinfo", "xeon2s"))
     assert profiler.cache_key(_cfg(tmp_path, tiny_model), other, tiny_model)[0] != base
@@ -111,3 +110,26 @@ def test_write_atomic_leaves_old_file_on_failure(tmp_path, monkeypatch):
         profiler.write_atomic(str(p), b"new")
     assert p.read_bytes() == b"old"
     assert [f.name for f in tmp_path.iterdir()] == ["x.json"]
+
+
+def test_prefer_fat_keeps_one_instance_on_a_near_tie():
+    from packratd.solver import Plan
+    fat = Plan(((2, 8),), 100.0)
+    split = Plan(((1, 4), (1, 4)), 97.0)
+    far = Plan(((1, 4), (1, 4)), 80.0)
+    assert profiler.prefer_fat([(split, 97.0), (fat, 100.0)], fat, 0.05)[0] is fat      # 3% better: not enough
+    assert profiler.prefer_fat([(far, 80.0), (fat, 100.0)], fat, 0.05)[0] is far        # 20% better: split
+    assert profiler.prefer_fat([(split, 97.0), (fat, 100.0)], fat, 0.0)[0] is split     # margin off: plain minimum
+    assert profiler.prefer_fat([(split, 97.0)], fat, 0.05)[0] is split                  # fat not measured: minimum
+
+
+def test_candidate_plans_always_include_the_fat_instance(tmp_path, tiny_model):
+    from packratd.solver import LatencyTable, solve
+    # 4 cores, a table where splitting wins clearly: the fat plan is the solver's last runner-up
+    tab = LatencyTable([1, 2, 3, 4], [1, 2, 4, 8], [[1, 2, 4, 8], [0.9, 1.8, 3.6, 7.2], [0.85, 1.7, 3.4, 6.8], [0.8, 1.6, 3.2, 6.4]])
+    topo = read_topology(os.path.join(os.path.dirname(__file__), "fixtures", "sysfs", "snc2"), allowed=set(range(8)),
+                         cpuinfo_path=os.path.join(os.path.dirname(__file__), "fixtures", "cpuinfo", "snc2"))
+    cfg = _cfg(tmp_path, tiny_model, **{"autotune.candidates": 2})
+    sol = solve(tab, 4, 8, top_k=3)
+    plans = profiler.candidate_plans(cfg, topo, sol)
+    assert len(plans) == 2 and plans[0] == sol.best and plans[1].shape == sol.fat.shape

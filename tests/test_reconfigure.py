@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import threading
@@ -203,7 +202,7 @@ def test_repeated_triggers_leave_one_generation(start, tmp_path, tiny_model):
     module = load_module(tiny_model)
     with Load(d.endpoint, module, n_threads=2) as load:
         r1 = d.control("reconfigure", plan="1x2:16")
-        r2 = d.control("reconfigure", plan="1x1:8")        # while the first is starting: coalesced
+        d.control("reconfigure", plan="1x1:8")             # while the first is starting: waits, then is replaced
         d.proc.send_signal(signal.SIGHUP)
         d.proc.send_signal(signal.SIGHUP)
         r3 = d.control("reconfigure", plan="2x1:4")

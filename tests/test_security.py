@@ -23,7 +23,6 @@ import pytest
 import zmq
 import zmq.auth
 
-from packratd import config as config_mod
 from packratd import protocol as P
 from packratd import security as S
 
@@ -414,8 +413,7 @@ def test_start_authenticator_needs_the_clients_dir(tmp_path, ctx):
         S.start_authenticator(ctx, str(tmp_path / "missing"))
 
 
-# ---- end to end: the real daemon (active once the server.socket_group / server.curve* options are wired in) --
-_KEYS = {o.key for o in config_mod.OPTIONS}
+# ---- end to end: the real daemon ------------------------------------------------------------------
 
 
 def _wait_state(d, state="serving", timeout=120.0):
@@ -449,7 +447,6 @@ def client_probe(endpoint: str):
 
 @pytest.mark.slow
 @needs_root
-@pytest.mark.skipif("server.socket_group" not in _KEYS, reason="server.socket_group is not wired into packratd.config yet")
 def test_daemon_sockets_admit_only_the_group(traversable_dir, daemon, tiny_model):
     import packratd.client  # noqa: F401 - imported before the fork, so the child needs no file access
     run = os.path.join(traversable_dir, "run")
@@ -470,7 +467,6 @@ def test_daemon_sockets_admit_only_the_group(traversable_dir, daemon, tiny_model
 
 
 @pytest.mark.slow
-@pytest.mark.skipif("server.curve_clients_dir" not in _KEYS, reason="server.curve* options are not wired into packratd.config yet")
 def test_daemon_tcp_listener_requires_an_allowed_curve_key(daemon, tiny_model, tmp_path):
     import numpy as np
     from packratd.client import Client

@@ -8,7 +8,7 @@ import psutil
 import pytest
 import torch
 
-from packratd.client import Client, ReplyError
+from packratd.client import Client
 from tests.conftest import load_module
 
 SIZES = (1, 2, 3, 8, 13)
