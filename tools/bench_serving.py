@@ -264,7 +264,7 @@ class ModelBench:
         out = {"batch": B, "capped": {"ms": [], "idle_cores": []}, "exact": {"ms": [], "idle_cores": []}}
         envs = {"capped": self.runner_env,
                 "exact": {**{k: v for k, v in BL.worker_like_env(self.cores, self.cpus, base=BL.base_env(None)).items()
-                             if k != "GOMP_SPINCOUNT"}, "OMP_WAIT_POLICY": "ACTIVE"}}
+                             if k != "GOMP_SPINCOUNT"}, "OMP_WAIT_POLICY": "ACTIVE", "BENCH_OLD_OMP_ENV": "1"}}
         self.runner.stop()   # only one in-process instance at a time
         try:
             for r in range(rounds):
@@ -477,8 +477,8 @@ def write_md(path: str, rows: list[dict], paired: dict, diags: dict, spin: dict 
                      f"the {d['input_bytes'] / 1e6:.1f} MB input {d['ipc_hop_input_ms']:.2f} ms, and the input makes "
                      f"two hops: client→daemon→worker), i.e. about "
                      f"{100 * (cd + 2 * d['ipc_hop_input_ms']) / md['inprocess']:.1f}% "
-                     f"of the in-process time, and an upper bound: on 2 cores with a load average near 10 this "
-                     f"difference also holds the time the unpinned daemon and client wait to be scheduled.  The rest of "
+                     f"of the in-process time, and an upper bound: this difference also holds the time the unpinned "
+                     f"daemon and client wait to be scheduled on cores the model is using.  The rest of "
                      f"any (b)−(a) difference is the worker's compute, which varies with the load on this shared VM.")
     ovs = [(m, b, 100 * (o["b"] / o["a"] - 1), o["b"] - o["a"]) for (m, b), o in ov.items()]
     if ovs:
@@ -491,11 +491,13 @@ def write_md(path: str, rows: list[dict], paired: dict, diags: dict, spin: dict 
                  ", ".join(f"{MODEL_LABEL.get(m, m).split(' ')[0]} B={b} {s:.2f}×" for m, b, s in sp) + ".")
     loads = [x for r in rows for x in r.get("loadavg_1m", [])]
     if loads:
-        L.append(f"- Machine load: the 1-minute load average on this 2-core VM ranged {min(loads):.1f}–{max(loads):.1f} "
-                 f"during the cells (other sessions' test suites ran beside the bench).  Runnable threads beyond the "
-                 f"variant's own slow 2-thread instances most (an OpenMP barrier waits for the descheduled thread), "
-                 f"so absolute numbers and the (a)/(c) ratio are inflated; the interleaving keeps (a) vs (b) comparable, "
-                 f"and the paired ratio is the estimate to trust.")
+        busy = max(loads) > 1.5 * (os.cpu_count() or 1)
+        L.append(f"- Machine load: the 1-minute load average on this {os.cpu_count()}-CPU machine ranged "
+                 f"{min(loads):.1f}–{max(loads):.1f} during the cells (the bench itself keeps about 2 threads busy)."
+                 + ("  That is well above the bench's own load: runnable threads beyond the variant's own slow "
+                    "2-thread instances most (an OpenMP barrier waits for the descheduled thread), so absolute numbers "
+                    "are inflated; the interleaving keeps (a) vs (b) comparable, and the paired ratio is the estimate "
+                    "to trust." if busy else "  The paired ratio is the estimate least sensitive to drift."))
     BL.replace_md_section(path, SECTION, "\n".join(L))
 
 

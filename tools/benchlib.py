@@ -261,6 +261,10 @@ def runner_main(argv=None) -> int:
     os.sched_setaffinity(0, cpus)
     from packratd.worker import thread_env
     os.environ.update(thread_env(a.threads, cpus, bool(a.pin_threads)))
+    if os.environ.get("BENCH_OLD_OMP_ENV") == "1":
+        # the environment workers had before GOMP_SPINCOUNT was set (bench_serving's spin check)
+        os.environ.pop("GOMP_SPINCOUNT", None)
+        os.environ["OMP_WAIT_POLICY"] = "ACTIVE"
     import resource
     import torch
     torch.set_num_threads(a.threads)
