@@ -13,6 +13,8 @@ import os
 
 import zmq
 
+from .security import remove_ipc
+
 log = logging.getLogger("packratd.control")
 
 MAX_REQUEST_BYTES = 64 * 1024
@@ -66,11 +68,7 @@ class ControlServer:
 
     def close(self) -> None:
         self.sock.close(linger=0)
-        if self.endpoint.startswith("ipc://"):
-            try:
-                os.unlink(self.endpoint[6:])
-            except OSError:
-                pass
+        remove_ipc(self.endpoint)
 
 
 class ControlError(Exception):

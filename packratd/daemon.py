@@ -792,11 +792,7 @@ class Daemon:
             self.auth.stop()               # its sockets live in self.ctx: stop it before term()
         self.ctx.term()
         for ep in (self.cfg.listen, self.cfg.worker_endpoint):
-            if ep.startswith("ipc://"):
-                try:
-                    os.unlink(ep[6:])
-                except OSError:
-                    pass
+            security.remove_ipc(ep)
 
     # ---- control commands (packratctl) -------------------------------------------------------
     def cmd_status(self) -> dict:

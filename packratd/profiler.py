@@ -30,6 +30,7 @@ import zmq
 from . import worker as worker_mod
 from .model import example_inputs
 from .placement import InstanceSpec, PlacementError, place
+from .security import remove_ipc
 from .solver import LatencyTable, Plan, solve
 
 log = logging.getLogger("packratd.profiler")
@@ -262,11 +263,7 @@ class Driver:
     def close(self) -> None:
         self.stop()
         self.sock.close(linger=0)
-        if self.endpoint.startswith("ipc://"):
-            try:
-                os.unlink(self.endpoint[6:])
-            except OSError:
-                pass
+        remove_ipc(self.endpoint)
 
 
 def measure(fn, cfg) -> tuple[float, float, float, int]:

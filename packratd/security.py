@@ -110,6 +110,16 @@ def ipc_path(endpoint: str) -> str | None:
     return endpoint[6:] if endpoint.startswith("ipc://") else None
 
 
+def remove_ipc(endpoint: str) -> None:
+    """After close: remove an ipc endpoint's socket file, if it has one and it is still there."""
+    path = ipc_path(endpoint)
+    if path and not path.startswith("@"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
 def secure_ipc(endpoint: str, group: str | int | None = None, mode: int = 0o660) -> None:
     """After bind: chmod an ipc socket file (0660 by default) and chown it to the group.
 
