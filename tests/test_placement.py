@@ -1,10 +1,8 @@
-import importlib.util
 import math
 import os
-import sys
 
 import pytest
-from hypothesis import HealthCheck, assume, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings, strategies as st
 
 from packratd.placement import (
     InstanceSpec,
@@ -21,17 +19,7 @@ FIX = os.path.join(HERE, "fixtures", "sysfs")
 ALL = set(range(1024))
 
 
-def _load_maker():
-    if "make_sysfs" in sys.modules:
-        return sys.modules["make_sysfs"]
-    spec = importlib.util.spec_from_file_location("make_sysfs", os.path.join(HERE, "fixtures", "make_sysfs.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["make_sysfs"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-make_sysfs = _load_maker()
+from tests.fixtures import make_sysfs  # noqa: E402  (the fixture generator, for variants)
 
 
 def topo(name, allowed=ALL):
