@@ -13,7 +13,7 @@ PLAN ?=
 METRICS_PORT ?= 9464
 TEST_ARGS ?=
 
-.PHONY: run test bench install deps models clean config install-service
+.PHONY: run test test-fast bench install deps models clean config install-service
 
 $(STAMP): pyproject.toml
 	@command -v pkg-config >/dev/null && pkg-config --exists libsystemd 2>/dev/null || \
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 	    echo "warning: could not install libsystemd-dev; packratd will use its built-in sd_notify sender"; }
 	@test -x $(VPY) || $(PY) -m venv $(VENV)
 	$(VPY) -m pip install -q --disable-pip-version-check torch==2.13.0
-	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test,bench]'
+	$(VPY) -m pip install -q --disable-pip-version-check -e '.[test,bench,oip,onnxruntime,openvino]'
 	-$(VPY) -m pip install -q --disable-pip-version-check 'systemd-python>=235'
 	@touch $(STAMP)
 
@@ -44,6 +44,10 @@ run: $(STAMP) $(DEFAULT_MODEL)
 
 test: $(STAMP)
 	$(VPY) -m pytest -q $(TEST_ARGS)
+
+# Pure logic only (solver, placement, topology, protocol, policy tables, the dispatcher on fake workers): seconds.
+test-fast: $(STAMP)
+	$(VPY) -m pytest -q -m fast $(TEST_ARGS)
 
 # The full run takes about an hour on a 2-core VM; each tool takes --help (and --quick where it makes sense).
 bench: $(STAMP)

@@ -76,14 +76,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("server.runtime_dir", str, "/run/packratd", "Directory for the ipc sockets (the worker socket lives here too)."),
     Option("server.state_dir", str, "/var/lib/packratd", "Directory for persistent state (profile cache)."),
     Option("server.max_batch_size", int, 32, "Largest batch the dispatcher forms; a single request with more rows is refused (TOO_LARGE).", _positive),
-    Option("server.max_delay_ms", float, 2.0,
-           "How long the oldest queued request may wait for others to join its batch while workers are idle.", _non_negative),
+    Option("server.max_delay_ms", float, 0.0,
+           "0: work-conserving batching (a request is dispatched at once when the instances are idle; batches form from "
+           "what queues while they are busy). > 0: the oldest queued request may wait this long for others to join its "
+           "batch while the instances are idle (more throughput, more latency).", _non_negative),
     Option("server.max_queue_rows", int, 4096, "Rows that may wait in the queue; beyond it requests get OVERLOADED at once.", _positive),
+    Option("server.max_queue_bytes", int, 1 << 30,
+           "Bytes of request tensors that may wait in the queue; beyond it requests get OVERLOADED at once.", _positive),
+    Option("server.max_requests_per_client", int, 256,
+           "Requests one client connection may have queued or running; beyond it that connection gets OVERLOADED.", _positive),
+    Option("server.client_hwm", int, 64,
+           "Messages ZeroMQ queues per client connection, each way (send and receive high-water marks): a client that "
+           "never reads loses replies beyond it, one that floods is slowed by back-pressure.", _positive),
     Option("server.max_message_bytes", int, 1 << 28,
            "Largest client message: a frame above it is dropped by ZeroMQ before it is allocated (ZMQ_MAXMSGSIZE); frames adding up to more get TOO_LARGE.", _positive),
     Option("server.socket_group", str, "",
-           "Group (name or numeric gid) whose members may use the client and control sockets: server.runtime_dir is made "
-           "0770 and the sockets 0660, owned by this group. Empty: only packratd's own user (and root)."),
+           "Group (name or numeric gid) whose members may use the client socket: server.runtime_dir is made 0750 (they "
+           "may reach the sockets but not create, remove or replace them) and packratd.sock 0660, owned by this group. "
+           "Empty: only packratd's own user (and root)."),
+    Option("server.admin_group", str, "",
+           "Group whose members are operators: control.sock (packratctl) is 0660 for this group. Empty: control.sock is "
+           "0600, so only packratd's own user and root can run packratctl. Clients (server.socket_group) are never "
+           "operators unless they are in this group too."),
     Option("server.curve", bool, True,
            "With a tcp:// server.listen, require CURVE (encryption and client keys). TCP is off by default (server.listen is "
            "ipc://) and binds only the address given; false allows plain TCP: anyone who reaches the port can use the model."),
@@ -94,6 +108,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers.plan", str, "",
            'Instances to run, e.g. "2x1:4" (2 instances of 1 thread, batch share 4 each) or "2:8,1:4". Empty: packratd chooses.', _plan),
     Option("workers.use_smt", bool, False, "Use SMT siblings as extra threads (default: one thread per physical core)."),
+    Option("workers.runtime", str, "auto",
+           "What runs the model in each worker: auto (measure the available runtimes and pick the fastest), eager, "
+           "inductor, openvino, onnxruntime.", _one_of("auto", "eager", "inductor", "openvino", "onnxruntime")),
     Option("workers.allocator", str, "glibc-tuned",
            "Memory allocator for workers: glibc, glibc-tuned (no mmap churn for large tensors), jemalloc, tcmalloc.",
            _one_of("glibc", "glibc-tuned", "jemalloc", "tcmalloc")),
@@ -112,6 +129,9 @@ OPTIONS: tuple[Option, ...] = (
            _non_negative),
     Option("autotune.interference_check", bool, True,
            "Measure the candidate plans concurrently (co-location interference) and keep the measured best."),
+    Option("autotune.solver_timeout_s", float, 30.0,
+           "Longest a plan computation (solver, monitor scoring) may take in the planner process before it is stopped "
+           "and reported as an error; the main loop never waits on it.", _positive),
     Option("profile.max_threads", int, 0, "Largest thread count profiled for one instance; 0 means the cores of the largest NUMA node.", _non_negative),
     Option("profile.min_reps", int, 3, "Timed runs per profile point at least.", _positive),
     Option("profile.max_reps", int, 15, "Timed runs per profile point at most.", _positive),
@@ -129,6 +149,31 @@ OPTIONS: tuple[Option, ...] = (
     Option("monitor.confirmations", int, 2, "Consecutive evaluations the same better shape must win before switching.", _positive),
     Option("monitor.objective", str, "mean", "What the monitor minimises over the window: mean, p50, p90 or p99 batch latency.",
            _one_of("mean", "p50", "p90", "p99")),
+    Option("monitor.min_gain_ms", float, 0.2,
+           "A new shape must save at least this many ms per batch, and more than the measured run-to-run noise of batch "
+           "latency (interquartile range at the most common batch size).", _non_negative),
+    Option("monitor.payback_s", float, 300.0,
+           "A switch must pay for itself within this many seconds: its measured cost (switch time x slowdown while green "
+           "boots on shared cores) against the predicted gain per second at the observed request rate.", _positive),
+    Option("oip.http_listen", str, "",
+           "Open Inference Protocol (KServe v2) REST listener of the gateway: ADDR:PORT, [IPv6]:PORT, or a bare PORT "
+           "(= 127.0.0.1:PORT). Empty: off. No authentication: beyond loopback use TLS (oip.tls_*) or a proxy in front.",
+           lambda v: __import__("packratd.oip").oip.listen_problem(v)),
+    Option("oip.grpc_listen", str, "",
+           "OIP gRPC listener (inference.GRPCInferenceService), same forms as oip.http_listen. Empty: off.",
+           lambda v: __import__("packratd.oip").oip.listen_problem(v)),
+    Option("oip.model_name", str, "", "The model's name for OIP clients (/v2/models/NAME). Empty: the model file's name without .pt2."),
+    Option("oip.tls_cert", str, "",
+           "PEM certificate chain for both OIP listeners; with oip.tls_key they speak TLS only. Empty: plain "
+           "(a warning is logged for a plain listener beyond loopback)."),
+    Option("oip.tls_key", str, "", "PEM private key of oip.tls_cert (keep it 0600)."),
+    Option("oip.tls_client_ca", str, "",
+           "PEM CA bundle: OIP clients must present a certificate it signed (mutual TLS). Empty: any client."),
+    Option("oip.max_inflight", int, 64,
+           "Requests the gateway holds at once (request bodies being read count); more get 503 / UNAVAILABLE at once. "
+           "Gateway memory is bounded by about this times server.max_message_bytes.", _positive),
+    Option("oip.request_timeout_s", float, 60.0,
+           "How long the gateway waits for packratd's answer to one request before it answers 503 / UNAVAILABLE.", _positive),
     Option("metrics.port", int, 0, "Port of the Prometheus metrics HTTP server (/metrics); 0 disables it.", _port),
     Option("metrics.address", str, "127.0.0.1", "Address the metrics HTTP server binds; 0.0.0.0 or :: for every interface."),
     Option("log.level", str, "info", "Log level: debug, info, warning, error.", _one_of("debug", "info", "warning", "error")),

@@ -74,8 +74,18 @@ def run(module, arrays: list[np.ndarray]) -> list[np.ndarray]:
     from torch.utils._pytree import tree_leaves
     with torch.inference_mode():
         out = module(*[torch.from_numpy(a) for a in arrays])
-    leaves = tree_leaves(out)
-    return [np.ascontiguousarray(t.detach().numpy()) for t in leaves]
+    arrays = []
+    for i, t in enumerate(tree_leaves(out)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"model output {i} is a {type(t).__name__}, not a tensor")
+        if t.dim() == 0:
+            raise ValueError(f"model output {i} is a scalar (0-d); packratd needs every output batched on dim 0")
+        try:
+            arrays.append(np.ascontiguousarray(t.detach().numpy()))
+        except TypeError:
+            raise ValueError(f"model output {i} has dtype {t.dtype}, which has no numpy equivalent and cannot be "
+                             "sent to clients; cast it (e.g. to float32) in the model before exporting") from None
+    return arrays
 
 
 def output_spec(outputs: list[np.ndarray]) -> list[dict]:

@@ -1,6 +1,6 @@
 """Place model instances on physical cores.
 
-A *plan* is a list of :class:`InstanceSpec` (threads, batch share).  ``place``
+A *plan* (packratd.plan) is a sequence of :class:`InstanceSpec` (threads, batch share).  ``place``
 gives every instance its own disjoint set of physical cores -- two instances
 never share a core, not even through SMT siblings -- and keeps each instance
 inside one NUMA node whenever its size fits in a node.
@@ -24,11 +24,11 @@ Pure standard library; no torch import.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Sequence
 
+from .plan import InstanceSpec, format_plan, parse_plan  # noqa: F401  (re-exported)
 from .topology import Core, Topology, format_cpulist
 
 __all__ = [
@@ -45,23 +45,6 @@ SEARCH_LIMIT = 200_000  # backtracking steps before giving up
 
 class PlacementError(ValueError):
     """The plan cannot be placed on the usable cores."""
-
-
-def _check_positive_int(name: str, v) -> None:
-    if isinstance(v, bool) or not isinstance(v, int):
-        raise ValueError(f"{name} must be an int, got {v!r}")
-    if v < 1:
-        raise ValueError(f"{name} must be >= 1, got {v}")
-
-
-@dataclass(frozen=True)
-class InstanceSpec:
-    threads: int
-    batch: int  # the instance's planned share of the batch
-
-    def __post_init__(self) -> None:
-        _check_positive_int("threads", self.threads)
-        _check_positive_int("batch", self.batch)
 
 
 @dataclass(frozen=True)
@@ -81,62 +64,6 @@ class Placement:
             "node": self.node,
             "cores": [c.to_dict() for c in self.cores],
         }
-
-
-# --------------------------------------------------------------------------
-# plan syntax
-# --------------------------------------------------------------------------
-
-_ITEM_RE = re.compile(r"^(?:(\d+)\s*[xX]\s*)?(\d+)(?:\s*:\s*(\d+))?$")
-
-
-def parse_plan(text: str) -> list[InstanceSpec]:
-    """Parse a plan: ``"2x1:4"`` (2 instances of 1 thread, batch share 4 each),
-    ``"1:8,2:8"`` (explicit ``threads:batch`` list), ``"2x1"`` (batch share 1
-    each), or any comma-separated mix.  Raises ValueError on junk."""
-    if not isinstance(text, str):
-        raise ValueError(f"plan must be a string, got {type(text).__name__}")
-    if not text.strip():
-        raise ValueError("empty plan")
-    out: list[InstanceSpec] = []
-    for pos, raw in enumerate(text.split(",")):
-        item = raw.strip()
-        m = _ITEM_RE.match(item)
-        if not m:
-            raise ValueError(
-                f"bad plan item {item!r} (item {pos} of {text.strip()!r}); "
-                f"expected THREADS[:BATCH] or COUNTxTHREADS[:BATCH], e.g. '2x1:4' or '1:8,2:8'"
-            )
-        count = int(m.group(1)) if m.group(1) is not None else 1
-        threads = int(m.group(2))
-        batch = int(m.group(3)) if m.group(3) is not None else 1
-        if count < 1:
-            raise ValueError(f"bad plan item {item!r}: instance count must be >= 1")
-        if threads < 1:
-            raise ValueError(f"bad plan item {item!r}: threads must be >= 1")
-        if batch < 1:
-            raise ValueError(f"bad plan item {item!r}: batch share must be >= 1")
-        if count > 4096:
-            raise ValueError(f"bad plan item {item!r}: {count} instances is not a sensible plan")
-        out.extend(InstanceSpec(threads, batch) for _ in range(count))
-    return out
-
-
-def format_plan(plan: Sequence[InstanceSpec]) -> str:
-    """Compact inverse of :func:`parse_plan`: identical consecutive instances
-    are grouped (``[1:4, 1:4, 2:8]`` -> ``"2x1:4,2:8"``)."""
-    parts: list[str] = []
-    i = 0
-    plan = list(plan)
-    while i < len(plan):
-        j = i
-        while j + 1 < len(plan) and plan[j + 1] == plan[i]:
-            j += 1
-        n = j - i + 1
-        s = f"{plan[i].threads}:{plan[i].batch}"
-        parts.append(s if n == 1 else f"{n}x{s}")
-        i = j + 1
-    return ",".join(parts)
 
 
 # --------------------------------------------------------------------------
@@ -228,11 +155,10 @@ def place(plan: Sequence[InstanceSpec], topo: Topology, use_smt: bool = False) -
         raise PlacementError("plan is empty: nothing to place")
     for i, spec in enumerate(plan):
         if not isinstance(spec, InstanceSpec):
-            raise PlacementError(f"instance {i}: expected InstanceSpec, got {spec!r}")
-        for name in ("threads", "batch"):
-            v = getattr(spec, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise PlacementError(f"instance {i}: {name} must be an int >= 1, got {v!r}")
+            try:
+                plan[i] = InstanceSpec(*spec)
+            except (TypeError, ValueError) as e:
+                raise PlacementError(f"instance {i}: expected (threads, batch) ints >= 1, got {spec!r} ({e})") from None
     if not topo.cores:
         raise PlacementError("no usable cores in the topology")
 

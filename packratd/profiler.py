@@ -17,9 +17,7 @@ import importlib.metadata
 import json
 import logging
 import os
-import signal
 import statistics
-import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,11 +25,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import zmq
 
+from . import messages as M
+from . import planner
 from . import worker as worker_mod
 from .model import example_inputs
 from .placement import InstanceSpec, PlacementError, place
+from .plan import Plan
+from .procutil import stop_processes
 from .security import remove_ipc
-from .solver import LatencyTable, Plan, solve
+from .solver import LatencyTable
+from .store import file_digest, write_atomic  # noqa: F401  (write_atomic: re-exported for callers and tests)
 
 log = logging.getLogger("packratd.profiler")
 
@@ -66,21 +69,6 @@ def thread_grid(max_threads: int) -> list[int]:
     return sorted(g)
 
 
-_digests: dict = {}
-
-
-def file_digest(path: str) -> str:
-    st = os.stat(path)
-    k = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if k not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _digests[k] = h.hexdigest()
-    return _digests[k]
-
-
 def max_instance_threads(cfg, topo) -> int:
     n = cfg["profile.max_threads"]
     node_max = max(len(cs) for cs in topo.cores_by_node().values())
@@ -93,7 +81,7 @@ def cache_key(cfg, topo, model_path: str) -> tuple[str, dict]:
     ident = {
         "format": PROFILE_FORMAT,
         "model_sha256": file_digest(model_path),
-        "topology": topo.fingerprint(),
+        "topology": topo.shape_fingerprint(),
         "cpu_model": topo.cpu_model,
         "torch": importlib.metadata.version("torch"),
         "allocator": cfg["workers.allocator"],
@@ -110,36 +98,17 @@ def profile_dir(cfg) -> str:
     return os.path.join(cfg["server.state_dir"], "profiles")
 
 
-def write_atomic(path: str, data: bytes) -> None:
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dfd = os.open(d, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
-def load_cached(cfg, key: str) -> dict | None:
+def load_cached(cfg, key: str, ident: dict | None = None) -> dict | None:
     path = os.path.join(profile_dir(cfg), f"{key}.json")
     try:
         with open(path, "rb") as f:
             rec = json.loads(f.read())
-        if rec.get("key") != key or rec.get("format") != PROFILE_FORMAT:
+        if not isinstance(rec, dict) or rec.get("key") != key or rec.get("format") != PROFILE_FORMAT:
             raise ValueError("key or format does not match")
+        if ident is not None and (rec.get("threads") != ident["threads"] or rec.get("batches") != ident["batches"]):
+            raise ValueError("its grid is not the one this key stands for")
+        if not isinstance(rec.get("created"), (int, float)):
+            raise ValueError("no creation time")
         LatencyTable(rec["threads"], rec["batches"], rec["lat_ms"])   # validates shape and values
         return rec
     except FileNotFoundError:
@@ -154,11 +123,18 @@ def table_of(rec: dict) -> LatencyTable:
 
 
 class Driver:
-    """Starts pinned workers on a private socket and times slices on them."""
+    """Starts pinned workers on a private socket and times slices on them.
 
-    def __init__(self, ctx: zmq.Context, cfg, endpoint: str, model_path: str, cancel: threading.Event):
+    The socket is bound while the process umask is 0077 (the daemon sets it at start), so only
+    packratd's own user can connect; answers are taken only from the workers this driver started."""
+
+    def __init__(self, ctx: zmq.Context, cfg, endpoint: str, model_path: str, cancel: threading.Event,
+                 digest: str = "", runtime: str = "eager", artifact: str = ""):
         self.cfg = cfg
         self.model_path = model_path
+        self.digest = digest
+        self.runtime = runtime
+        self.artifact = artifact
         self.cancel = cancel
         self.sock = ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -176,13 +152,13 @@ class Driver:
         if now >= self.next_hb:
             for ident in self.procs:
                 try:
-                    self.sock.send_multipart([ident, b"HB"], zmq.NOBLOCK)
+                    self.sock.send_multipart([ident + worker_mod.HB_SUFFIX] + M.hb(), zmq.NOBLOCK)
                 except zmq.ZMQError:
                     pass
             self.next_hb = now + self.cfg["workers.heartbeat_interval_s"]
 
-    def _recv(self, timeout: float):
-        """Next non-heartbeat message (identity, kind, frames) within timeout, keeping heartbeats flowing."""
+    def _recv(self, timeout: float) -> tuple[bytes, M.Message]:
+        """Next message from one of our workers (identity, Message) within timeout, keeping heartbeats flowing."""
         deadline = time.monotonic() + timeout
         while True:
             if self.cancel.is_set():
@@ -195,28 +171,39 @@ class Driver:
             if left <= 0:
                 raise ProfileError(f"no answer from profiling workers within {timeout:.0f}s")
             if self.sock.poll(int(min(left, 0.2) * 1000)):
-                frames = self.sock.recv_multipart()
-                if frames[1] != b"HB":
-                    return frames[0], frames[1], frames[2:]
+                frames = self.sock.recv_multipart(copy=False)
+                ident = frames[0].bytes
+                if ident not in self.procs:
+                    continue                      # heartbeats (<ident>!hb) and strangers
+                try:
+                    msg = M.decode(frames[1:])
+                except M.MessageError as e:
+                    log.warning("profiling worker %s sent a malformed message: %s", ident.decode(), e)
+                    continue
+                if msg.kind != M.HB:
+                    return ident, msg
 
-    def start(self, placements, warmup_batch: dict | None = None) -> list[bytes]:
+    def start(self, placements, warmup: dict | None = None) -> list[bytes]:
         idents = []
         for pl in placements:
             self.seq += 1
             ident = f"prof.{self.seq}".encode()
-            wb = (warmup_batch or {}).get(pl.index, pl.spec.batch)
-            self.procs[ident] = worker_mod.spawn(self.cfg, self.endpoint, ident.decode(), pl.spec.threads, pl.cpus, wb,
-                                                 self.model_path)
+            sizes = tuple((warmup or {}).get(pl.index, (pl.spec.batch,)))
+            spec = worker_mod.LaunchSpec(self.endpoint, ident.decode(), self.model_path, pl.spec.threads, tuple(pl.cpus),
+                                         sizes, self.digest, self.runtime, self.artifact)
+            try:
+                self.procs[ident] = worker_mod.spawn(self.cfg, spec)
+            except worker_mod.LaunchError as e:
+                raise ProfileError(str(e)) from None
             idents.append(ident)
         waiting = set(idents)
         while waiting:
-            ident, kind, rest = self._recv(self.cfg["workers.boot_timeout_s"])
-            if kind == b"READY":
-                info = json.loads(rest[0])
-                self.spec = info["spec"]
+            ident, msg = self._recv(self.cfg["workers.boot_timeout_s"])
+            if msg.kind == M.READY:
+                self.spec = msg.head.get("spec")
                 waiting.discard(ident)
-            elif kind == b"BOOTFAIL":
-                raise ProfileError(f"worker failed to boot: {json.loads(rest[0]).get('message')}")
+            elif msg.kind == M.BOOTFAIL:
+                raise ProfileError(f"worker failed to boot: {msg.head.get('message')}")
         return idents
 
     def _arrays(self, b: int) -> list:
@@ -231,33 +218,20 @@ class Driver:
             if b <= 0:
                 continue
             self.task += 1
-            arrays = self._arrays(b)
-            head = {"task": self.task, "inputs": [{"dtype": s["dtype"], "tail": s["shape"][1:], "rows": [b]}
-                                                  for s in self.spec]}
-            self.sock.send_multipart([ident, b"WORK", json.dumps(head).encode()] +
-                                     [memoryview(a).cast("B") for a in arrays], copy=False)
+            self.sock.send_multipart([ident] + M.work_for_arrays(self.task, self._arrays(b)), copy=False)
             pending[self.task] = ident
         out = {}
         while pending:
-            ident, kind, rest = self._recv(timeout)
-            if kind in (b"RESULT", b"ERROR"):
-                head = json.loads(rest[0])
-                if head.get("task") in pending:
-                    if kind == b"ERROR":
-                        raise ProfileError(f"the model failed while profiling: {head.get('message')}")
-                    out[pending.pop(head["task"])] = float(head["ms"])
+            ident, msg = self._recv(timeout)
+            task = msg.head.get("task")
+            if msg.kind in (M.RESULT, M.ERROR) and pending.get(task) == ident:
+                if msg.kind == M.ERROR:
+                    raise ProfileError(f"the model failed while profiling: {msg.head.get('message')}")
+                out[pending.pop(task)] = float(msg.head["ms"])
         return out
 
     def stop(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=self.cfg["workers.stop_grace_s"])
-            except Exception:  # noqa: BLE001
-                p.kill()
-                p.wait()
+        stop_processes(list(self.procs.values()), self.cfg["workers.stop_grace_s"], what="profiling worker")
         self.procs.clear()
 
     def close(self) -> None:
@@ -291,11 +265,14 @@ class Progress:
     started: float = 0.0
     eta_s: float | None = None
     message: str = ""
+    candidates: int | None = None     # while checking: plans to measure, and how many are measured
+    checked: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def snapshot(self) -> dict:
         with self.lock:
             return {"state": self.state, "done": self.done, "total": self.total, "eta_s": self.eta_s,
+                    "candidates": self.candidates, "checked": self.checked,
                     "elapsed_s": (time.monotonic() - self.started) if self.started else None,
                     "progress": f"{self.done}/{self.total} points" + (f", about {self.eta_s:.0f}s left" if self.eta_s else "")
                     if self.state == "profiling" else self.message}
@@ -321,7 +298,7 @@ def run_profile(cfg, topo, model_path: str, driver: Driver, progress: Progress) 
         except PlacementError as e:
             log.warning("profile: skipping %d threads: %s", t, e)
             continue
-        (ident_w,) = driver.start([pl], {0: 1})
+        (ident_w,) = driver.start([pl], {0: (1,)})
         for j, b in enumerate(batches):
             driver.run([(ident_w, b)])             # first run at a new size: oneDNN builds its primitives
             med, lo, hi, n = measure(lambda: driver.run([(ident_w, b)])[ident_w], cfg)
@@ -340,23 +317,22 @@ def run_profile(cfg, topo, model_path: str, driver: Driver, progress: Progress) 
             "lat_ms": lat.tolist(), "p10_ms": p10.tolist(), "p90_ms": p90.tolist(), "reps": reps.tolist()}
 
 
-def plan_specs(plan: Plan) -> list[InstanceSpec]:
-    return [InstanceSpec(t, b) for t, b in plan.instances]
-
-
 def check_candidates(cfg, topo, plans: list[Plan], driver: Driver, progress: Progress) -> list[tuple[Plan, float]]:
     """Run each candidate plan's instances concurrently, as they would serve; measured batch latency (ms)."""
     out = []
     with progress.lock:
         progress.state, progress.message = "checking", f"measuring {len(plans)} candidate plan(s) concurrently"
+        progress.candidates, progress.checked = len(plans), 0
     for plan in plans:
-        pls = place(plan_specs(plan), topo, use_smt=cfg["workers.use_smt"])
+        pls = place(plan.instances, topo, use_smt=cfg["workers.use_smt"])
         idents = driver.start(pls)
         work = [(ident, pl.spec.batch) for ident, pl in zip(idents, pls)]
         driver.run(work)   # warm at these sizes, all together
         med, _, _, _ = measure(lambda: max(driver.run(work).values()), cfg)
         driver.stop()
         out.append((plan, med))
+        with progress.lock:
+            progress.checked += 1
         log.info("interference check: %s measured %.1f ms (predicted %.1f ms)", plan, med, plan.latency_ms)
     return out
 
@@ -372,65 +348,28 @@ class AutotuneResult:
     candidates: list = field(default_factory=list)     # [(plan str, predicted, measured)]
 
 
-def placeable(cfg, topo, plans) -> list[Plan]:
-    ok = []
-    for p in plans:
-        try:
-            place(plan_specs(p), topo, use_smt=cfg["workers.use_smt"])
-            ok.append(p)
-        except PlacementError:
-            continue
-    return ok
-
-
-def prefer_fat(scored: list[tuple[Plan, float]], fat: Plan | None, margin: float) -> tuple[Plan, float]:
-    """The lowest-latency (plan, ms), except that the single fat instance is kept unless another plan
-    beats it by more than ``margin``: co-location interference and gathering slices from several
-    workers cost something no isolated profile shows, so a near tie goes to one instance."""
-    best = min(scored, key=lambda pm: pm[1])
-    if fat is None or best[0].shape == fat.shape:
-        return best
-    fat_entry = next((pm for pm in scored if pm[0].shape == fat.shape), None)
-    if fat_entry is not None and best[1] > fat_entry[1] * (1 - margin):
-        return fat_entry
-    return best
-
-
-def candidate_plans(cfg, topo, sol) -> list[Plan]:
-    """The solver's best plans that fit the NUMA layout, best first, the fat instance always among them."""
-    plans = placeable(cfg, topo, [sol.best, *sol.runners_up])
-    n = max(1, cfg["autotune.candidates"])
-    fat = [p for p in plans if sol.fat is not None and p.shape == sol.fat.shape]
-    rest = [p for p in plans if p not in fat]
-    return (rest[:n - 1] + fat + rest[n - 1:])[:n] if fat and n > 1 else plans[:n]
-
-
 def choose(cfg, topo, table: LatencyTable, batch_size: int, driver: Driver | None, progress: Progress) -> tuple:
     """Solve for batch_size; measure the best few candidates concurrently if configured; pick the measured best."""
-    T = topo.n_cores * (max(1, topo.smt) if cfg["workers.use_smt"] else 1)
-    sol = solve(table, T, batch_size, top_k=max(cfg["autotune.candidates"], 2))
-    plans = candidate_plans(cfg, topo, sol)
-    if not plans:
-        raise ProfileError(f"no plan for batch {batch_size} fits the cores' NUMA layout")
-    margin = cfg["autotune.split_margin"]
-    if driver is None or not cfg["autotune.interference_check"] or len(plans) == 1:
-        best, _ = prefer_fat([(p, p.latency_ms) for p in plans], sol.fat, margin)
-        return best, None, [(str(p), p.latency_ms, None) for p in plans]
-    measured = check_candidates(cfg, topo, plans, driver, progress)
-    best, best_ms = prefer_fat(measured, sol.fat, margin)
+    c = planner.choose(table, topo, batch_size, cfg["workers.use_smt"], cfg["autotune.candidates"],
+                       cfg["autotune.split_margin"])
+    if driver is None or not cfg["autotune.interference_check"] or len(c.candidates) == 1:
+        return c.best, None, [(str(p), p.latency_ms, None) for p in c.candidates]
+    measured = check_candidates(cfg, topo, list(c.candidates), driver, progress)
+    best, best_ms = planner.prefer_fat(measured, c.fat, cfg["autotune.split_margin"])
     return best, best_ms, [(str(p), p.latency_ms, m) for p, m in measured]
 
 
 def autotune(cfg, topo, ctx, runtime_dir: str, progress: Progress, cancel: threading.Event,
-             refresh: bool = False, batch_size: int | None = None) -> AutotuneResult:
-    model_path = cfg["model.path"]
-    key, _ = cache_key(cfg, topo, model_path)
-    rec = None if refresh else load_cached(cfg, key)
-    driver = Driver(ctx, cfg, "ipc://" + os.path.join(runtime_dir, "profiler.sock"), model_path, cancel)
+             refresh: bool = False, batch_size: int | None = None, model_path: str | None = None,
+             digest: str = "") -> AutotuneResult:
+    model_path = model_path or cfg["model.path"]
+    key, ident = cache_key(cfg, topo, model_path)
+    rec = None if refresh else load_cached(cfg, key, ident)
+    driver = Driver(ctx, cfg, "ipc://" + os.path.join(runtime_dir, "profiler.sock"), model_path, cancel, digest)
     try:
         if rec is None:
             log.info("profiling %s: no cached profile for this model, host and torch (key %s)",
-                     os.path.basename(model_path), key)
+                     os.path.basename(cfg["model.path"]), key)
             rec = run_profile(cfg, topo, model_path, driver, progress)
             write_atomic(os.path.join(profile_dir(cfg), f"{key}.json"), json.dumps(rec).encode())
             log.info("profile done in %.0fs, cached as %s", rec["wall_s"], key)
@@ -446,3 +385,34 @@ def autotune(cfg, topo, ctx, runtime_dir: str, progress: Progress, cancel: threa
     with progress.lock:
         progress.state, progress.message = "done", f"plan {plan}"
     return AutotuneResult(plan, plan.latency_ms, measured, table, rec, B, cands)
+
+
+class Tuner(threading.Thread):
+    """Runs :func:`autotune` off the main loop; the loop reads ``progress`` and, once the thread has
+    ended, ``result`` or ``error``.  Cancel with ``cancel.set()``."""
+
+    def __init__(self, cfg, topo, ctx, runtime_dir: str, reason: str, refresh: bool = False,
+                 batch_size: int | None = None, model_path: str | None = None, digest: str = ""):
+        super().__init__(name="packratd-autotune", daemon=True)
+        self.cfg, self.topo, self.ctx, self.runtime_dir = cfg, topo, ctx, runtime_dir
+        self.reason = reason
+        self.refresh = refresh
+        self.batch_size = batch_size
+        self.model_path, self.digest = model_path, digest
+        self.progress = Progress()
+        self.cancel = threading.Event()
+        self.result: AutotuneResult | None = None
+        self.error: str | None = None
+
+    def run(self):
+        try:
+            self.result = autotune(self.cfg, self.topo, self.ctx, self.runtime_dir, self.progress, self.cancel,
+                                   refresh=self.refresh, batch_size=self.batch_size, model_path=self.model_path,
+                                   digest=self.digest)
+        except Cancelled:
+            self.error = "cancelled"
+        except Exception as e:  # noqa: BLE001 - reported by the main loop
+            log.exception("autotune failed")
+            self.error = f"{type(e).__name__}: {e}"
+            with self.progress.lock:
+                self.progress.state, self.progress.message = "failed", self.error

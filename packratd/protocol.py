@@ -31,12 +31,15 @@ OVERLOADED = "OVERLOADED"          # queue full
 TIMEOUT = "TIMEOUT"                # the request's deadline passed before it could run
 DRAINING = "DRAINING"              # the daemon is shutting down
 MODEL_ERROR = "MODEL_ERROR"        # the model raised on this request's data (e.g. an id out of range)
+UNAVAILABLE = "UNAVAILABLE"        # no generation can serve: still starting, or failed (see health)
 INTERNAL = "INTERNAL"
 
 ERROR_CODES = (BAD_HEADER, BAD_VERSION, UNKNOWN_OP, BAD_TENSOR, MODEL_MISMATCH, TOO_LARGE,
-               OVERLOADED, TIMEOUT, DRAINING, MODEL_ERROR, INTERNAL)
+               OVERLOADED, TIMEOUT, DRAINING, MODEL_ERROR, UNAVAILABLE, INTERNAL)
+RETRYABLE = frozenset({OVERLOADED, DRAINING, UNAVAILABLE})
 
-OPS = ("infer", "ping", "spec")
+OPS = ("infer", "ping", "spec", "health")
+MAX_FRAMES = 1 + MAX_TENSORS       # header + one buffer per tensor
 
 # The dtypes that may cross the wire, by their numpy names.  Object, void, string and
 # big-endian dtypes never do.
@@ -100,6 +103,7 @@ class Request:
     tensors: list[TensorMeta]
     buffers: list
     timeout_ms: float | None = None
+    trace: bool = False                # ask for per-hop timestamps in the reply (tools/trace_request.py)
 
 
 def parse_request(frames: list, max_bytes: int | None = None) -> Request:
@@ -130,6 +134,9 @@ def parse_request(frames: list, max_bytes: int | None = None) -> Request:
 
 
 def _parse_fields(obj: dict, frames: list, max_bytes: int | None) -> Request:
+    if len(frames) > MAX_FRAMES:     # before looking at any buffer
+        raise ProtocolError(BAD_HEADER, f"message has {len(frames)} frames; at most {MAX_FRAMES} (a header and "
+                            f"{MAX_TENSORS} tensors)")
     v = obj.get("v")
     if v != VERSION or isinstance(v, bool):
         raise ProtocolError(BAD_VERSION, f"protocol version {v!r} is not supported (this daemon speaks {VERSION})")
@@ -151,6 +158,9 @@ def _parse_fields(obj: dict, frames: list, max_bytes: int | None) -> Request:
             raise ProtocolError(BAD_HEADER, "timeout_ms must be a positive number") from None
         if not math.isfinite(timeout_ms) or timeout_ms <= 0:
             raise ProtocolError(BAD_HEADER, "timeout_ms must be a positive number")
+    trace = obj.get("trace", False)
+    if not isinstance(trace, bool):
+        raise ProtocolError(BAD_HEADER, "trace must be true or false")
     if op != "infer":
         if len(frames) != 1:
             raise ProtocolError(BAD_HEADER, f"op {op} takes no buffers, got {len(frames) - 1}")
@@ -176,7 +186,7 @@ def _parse_fields(obj: dict, frames: list, max_bytes: int | None) -> Request:
         raise ProtocolError(BAD_TENSOR, f"all tensors must have the same batch size (dim 0), got {sorted(rows)}")
     if metas[0].shape[0] < 1:
         raise ProtocolError(BAD_TENSOR, "batch dimension must be at least 1")
-    return Request(rid, op, metas, buffers, timeout_ms)
+    return Request(rid, op, metas, buffers, timeout_ms, trace)
 
 
 def check_against_spec(metas: list[TensorMeta], spec: list[dict]) -> None:
@@ -200,7 +210,8 @@ def error_header(rid: str, code: str, message: str) -> bytes:
     return encode_header({"v": VERSION, "id": rid, "status": "error", "code": code, "message": message})
 
 
-def request_frames(rid: str, arrays: list[np.ndarray], op: str = "infer", timeout_ms: float | None = None) -> list:
+def request_frames(rid: str, arrays: list[np.ndarray], op: str = "infer", timeout_ms: float | None = None,
+                   trace: bool = False) -> list:
     """Client side: build [header, buffers...] for arrays (made C-contiguous; no copy when they already are)."""
     arrays = [np.ascontiguousarray(a) for a in arrays]
     metas = [tensor_meta(a) for a in arrays]
@@ -209,6 +220,8 @@ def request_frames(rid: str, arrays: list[np.ndarray], op: str = "infer", timeou
         head["tensors"] = [m.to_json() for m in metas]
     if timeout_ms is not None:
         head["timeout_ms"] = timeout_ms
+    if trace:
+        head["trace"] = True
     return [encode_header(head)] + [memoryview(a).cast("B") if a.size else b"" for a in arrays]
 
 

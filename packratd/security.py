@@ -1,13 +1,18 @@
 """Who may talk to packratd: file-system permissions for ipc sockets, CURVE for TCP.
 
 Local (ipc://, the default)
-    The runtime directory is mode 0770 and, with ``server.socket_group`` set, group-owned by that
-    group (:func:`prepare_runtime_dir`); after each bind the socket file is chmod 0660 and chowned to
-    the group (:func:`secure_ipc`).  Linux checks write permission on the socket file (and search
-    permission on every directory above it) at connect(2), so only the daemon's user and members of
-    the group can connect; everyone else gets EACCES from the kernel, before ZeroMQ sees anything.
-    The worker socket must stay owner-only (``secure_ipc(ep, None, mode=0o600)``): a peer on it can
-    pose as a worker, receive other clients' inputs and forge results.
+    Clients and operators are different principals.  The runtime directory is mode 0750, owned by
+    packratd's user and, with ``server.socket_group`` set, by that group (:func:`prepare_runtime_dir`):
+    group members may reach the sockets in it but cannot create, remove or replace any (so nobody but
+    packratd can re-bind a socket there and pose as the daemon).  Sockets are created while the
+    daemon's umask is 0077, i.e. owner-only from the instant they exist; then the client socket
+    ``packratd.sock`` is opened to its group (0660, :func:`secure_ipc`), the control socket
+    ``control.sock`` stays 0600 (or 0660 for ``server.admin_group``; the directory then gets the
+    others-search bit 0751 so admins outside the client group can reach it -- they can list nothing),
+    and the worker socket stays 0600: a peer there could pose as a worker, receive other clients'
+    inputs and forge results.  Linux checks write permission on the socket file (and search
+    permission on every directory above it) at connect(2), so everyone else gets EACCES from the
+    kernel, before ZeroMQ sees anything.
 
 Remote (tcp://)
     TCP listening is off by default: ``server.listen`` is an ipc:// endpoint unless it is changed, and
@@ -80,13 +85,15 @@ def _chown_group(path: str, gid: int, what: str) -> None:
                             "or as a user that is a member of that group)") from None
 
 
-def prepare_runtime_dir(path: str, group: str | int | None = None, mode: int = 0o770) -> None:
-    """Create the runtime directory (sockets live here) mode 0770; chmod it even if it exists.
+def prepare_runtime_dir(path: str, group: str | int | None = None, mode: int = 0o750,
+                        traverse_others: bool = False) -> None:
+    """Create the runtime directory (sockets live here) mode 0750 (0751 with ``traverse_others``);
+    chmod it even if it exists.
 
     With a group (name or gid) the directory is group-owned by it so members can reach the sockets.
     Refuses a symlink, a non-directory, a directory owned by another user (someone else could
     then swap the sockets), and shared directories (sticky bit like /tmp, or /, /run, /var/lib ...):
-    chmod 0770 on those would lock everyone else out of them."""
+    chmod 0750 on those would lock everyone else out of them."""
     gid = resolve_group(group)
     if os.path.realpath(path) in SYSTEM_DIRS:
         raise SecurityError(f"runtime directory {path!r} is a system directory; use a dedicated one such as /run/packratd")
@@ -102,7 +109,7 @@ def prepare_runtime_dir(path: str, group: str | int | None = None, mode: int = 0
                             f"{os.geteuid()}; remove it or chown it")
     if gid is not None:
         _chown_group(path, gid, "runtime directory")
-    os.chmod(path, mode)
+    os.chmod(path, mode | (0o001 if traverse_others else 0))
 
 
 def ipc_path(endpoint: str) -> str | None:

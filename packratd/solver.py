@@ -59,6 +59,8 @@ from typing import Sequence
 
 import numpy as np
 
+from .plan import Plan
+
 __all__ = [
     "LatencyTable",
     "Plan",
@@ -264,50 +266,6 @@ class LatencyTable:
 # ----------------------------------------------------------------------------
 # Plans
 # ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Plan:
-    """A multiset of instances ``(threads, batch)``, sorted descending."""
-
-    instances: tuple[tuple[int, int], ...]
-    latency_ms: float  # predicted: max over instances (0.0 for the empty plan)
-
-    @property
-    def n_instances(self) -> int:
-        return len(self.instances)
-
-    @property
-    def total_threads(self) -> int:
-        return sum(t for t, _ in self.instances)
-
-    @property
-    def total_batch(self) -> int:
-        return sum(b for _, b in self.instances)
-
-    @property
-    def threads(self) -> tuple[int, ...]:
-        return tuple(t for t, _ in self.instances)
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        """The multiset of thread counts (descending) -- the instance shape."""
-        return tuple(sorted(self.threads, reverse=True))
-
-    def __str__(self) -> str:
-        if not self.instances:
-            return f"<empty> (pred {self.latency_ms:.1f} ms)"
-        parts = []
-        i = 0
-        inst = self.instances
-        while i < len(inst):
-            j = i
-            while j < len(inst) and inst[j] == inst[i]:
-                j += 1
-            t, b = inst[i]
-            parts.append(f"{j - i}x<{t}t,{b}>")
-            i = j
-        return " + ".join(parts) + f" (pred {self.latency_ms:.1f} ms)"
 
 
 @dataclass(frozen=True)

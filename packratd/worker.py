@@ -4,27 +4,28 @@ Started by the daemon as ``python -m packratd.worker ...``.  Before torch is imp
 itself to its CPUs and sets the thread environment; then it sets torch's thread counts, loads
 the model, warms it up, and only then reports READY.
 
-Two threads: an I/O thread owns the DEALER socket (heartbeats both ways, even while the model
-runs, and exits the process when the dispatcher goes silent); the main thread runs the model.
-They talk over an inproc PAIR, passing frames without copying.
+The main thread owns the work socket (a DEALER whose identity is the worker's name): it receives a
+slice, runs the model and sends the result itself, with no hand-off between threads on the
+serving path.  A heartbeat thread owns a second DEALER (identity ``<name>!hb``) and heartbeats both
+ways even while the model runs; it exits the process when the dispatcher goes silent.  The
+messages are packratd.messages'.
 
-Worker <-> dispatcher messages (multipart; the DEALER identity addresses the worker):
-  worker -> READY {pid, spec, outputs, boot_s, threads, cpus}   | HB | RESULT {task, tensors, ms} bufs... |
-            ERROR {task, message} | BOOTFAIL {message}
-  dispatcher -> WORK {task, inputs: [{dtype, tail, rows: [...]}]} segments... | HB
+Before it says READY the worker checks that the model file is the generation's (its SHA-256),
+loads it, warms it up at the batch sizes this instance will see, and checks the outputs: every one
+must be batched on dim 0 and have a dtype the wire carries.  Otherwise it sends BOOTFAIL with the
+reason and exits with EXIT_BOOT_FAILED.
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import glob
-import json
 import os
-import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
+
+from .procutil import set_parent_death_signal
 
 EXIT_BOOT_FAILED = 3      # the model could not be loaded or warmed up: do not respawn in a loop
 EXIT_ORPHANED = 4         # the dispatcher stopped answering heartbeats
@@ -90,95 +91,180 @@ def worker_env(base: dict, threads: int, cpus: list[int], allocator: str, pin_th
     return env
 
 
-def spawn(cfg, endpoint: str, identity: str, threads: int, cpus, warmup_batch: int, model_path: str | None = None):
-    """Start one worker process exactly as serving needs it (used by the daemon and the profiler)."""
-    import subprocess
-    cpus = list(cpus)
+class LaunchError(Exception):
+    """A worker process could not be started (missing allocator, EMFILE/ENOMEM from fork/exec, ...)."""
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything one worker process needs to know, and nothing it could get wrong by itself."""
+    endpoint: str
+    identity: str
+    model_path: str                 # the generation's copy of the model (store.snapshot_model)
+    threads: int
+    cpus: tuple[int, ...]
+    warmup_sizes: tuple[int, ...] = (1,)
+    model_digest: str = ""          # the generation's model digest; the worker refuses any other file
+    runtime: str = "eager"
+    artifact: str = ""              # the runtime's prepared artifact (compiled / converted model), if any
+
+
+def command(cfg, spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that start this worker exactly as serving (and profiling) need it."""
+    cpus = list(spec.cpus)
     cmd = [sys.executable, "-m", "packratd.worker",
-           "--endpoint", endpoint, "--identity", identity,
-           "--model", os.path.abspath(model_path or cfg["model.path"]), "--threads", str(threads),
-           "--cpus", ",".join(map(str, cpus)), "--pin-threads", str(int(cfg["workers.pin_threads"])),
-           "--warmup", str(cfg["workers.warmup_batches"]), "--warmup-batch", str(warmup_batch),
+           "--endpoint", spec.endpoint, "--identity", spec.identity,
+           "--model", os.path.abspath(spec.model_path), "--model-digest", spec.model_digest,
+           "--runtime", spec.runtime, "--artifact", spec.artifact,
+           "--threads", str(spec.threads), "--cpus", ",".join(map(str, cpus)),
+           "--pin-threads", str(int(cfg["workers.pin_threads"])),
+           "--warmup", str(cfg["workers.warmup_batches"]),
+           "--warmup-sizes", ",".join(str(b) for b in sorted(set(spec.warmup_sizes) | {1})),
            "--hb-interval", str(cfg["workers.heartbeat_interval_s"]),
            "--hb-liveness", str(cfg["workers.heartbeat_liveness"])]
-    env = worker_env(os.environ, threads, cpus, cfg["workers.allocator"], cfg["workers.pin_threads"])
+    try:
+        env = worker_env(os.environ, spec.threads, cpus, cfg["workers.allocator"], cfg["workers.pin_threads"])
+    except FileNotFoundError as e:
+        raise LaunchError(str(e)) from None
     pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True)
+    return cmd, env
 
 
-def set_parent_death_signal(sig=signal.SIGKILL) -> None:
-    """Die with the daemon even if it is SIGKILLed (Linux prctl PR_SET_PDEATHSIG)."""
+def spawn(cfg, spec: LaunchSpec):
+    """Start one worker process (subprocess.Popen).  Raises LaunchError when it cannot be started."""
+    import subprocess
+    cmd, env = command(cfg, spec)
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        libc.prctl(1, int(sig), 0, 0, 0)
-    except OSError:
-        pass
+        return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, close_fds=True)
+    except OSError as e:
+        raise LaunchError(f"cannot start a worker process: {e}") from None
 
 
-class IOThread(threading.Thread):
-    """Owns the DEALER socket: forwards work in, results out, heartbeats both ways."""
+# ---- inside the worker process ---------------------------------------------------------------------
+class Heartbeat(threading.Thread):
+    """Heartbeats both ways on a socket of its own (identity ``<worker>!hb``), so they keep flowing
+    while the model runs and the work socket stays on the main thread (no hand-off between threads
+    on the serving path).  Exits the process when the dispatcher has been silent too long."""
 
-    def __init__(self, ctx, endpoint: str, identity: bytes, hb_interval: float, hb_liveness: int):
-        super().__init__(name="packratd-worker-io", daemon=True)
-        import zmq
-        self.zmq = zmq
-        self.ctx = ctx
-        self.endpoint = endpoint
-        self.identity = identity
-        self.hb_interval = hb_interval
-        self.hb_liveness = hb_liveness
-        self.pair_ready = threading.Event()
+    def __init__(self, ctx, endpoint: str, identity: bytes, interval: float, liveness: int):
+        super().__init__(name="packratd-worker-hb", daemon=True)
+        self.ctx, self.endpoint, self.identity = ctx, endpoint, identity
+        self.interval, self.liveness = interval, liveness
 
     def run(self):
-        zmq = self.zmq
-        dealer = self.ctx.socket(zmq.DEALER)
-        dealer.setsockopt(zmq.IDENTITY, self.identity)
-        dealer.setsockopt(zmq.LINGER, 2000)
-        dealer.connect(self.endpoint)
-        pair = self.ctx.socket(zmq.PAIR)
-        pair.bind("inproc://compute")
-        self.pair_ready.set()
-        poller = zmq.Poller()
-        poller.register(dealer, zmq.POLLIN)
-        poller.register(pair, zmq.POLLIN)
+        import zmq
+        from . import messages as M
+        s = self.ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.IDENTITY, self.identity + HB_SUFFIX)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(self.endpoint)
         last_seen = time.monotonic()
-        next_hb = 0.0
+        # The daemon's death is caught by PR_SET_PDEATHSIG; this catches a daemon that is alive but
+        # wedged, so it is lenient: a loaded host must not make healthy workers quit.
+        limit = max(ORPHAN_MIN_S, 4 * self.interval * self.liveness)
+        hb = M.hb()
         while True:
-            now = time.monotonic()
-            if now >= next_hb:
-                dealer.send(b"HB")
-                next_hb = now + self.hb_interval
-            events = dict(poller.poll(max(1, int((next_hb - now) * 1000))))
-            if dealer in events:
-                while True:
-                    try:
-                        frames = dealer.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    last_seen = time.monotonic()
-                    kind = frames[0].bytes
-                    if kind == b"WORK":
-                        pair.send_multipart(frames, copy=False)
-                    elif kind == b"STOP":
-                        os._exit(0)
-            if pair in events:
-                while True:
-                    try:
-                        frames = pair.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    dealer.send_multipart(frames, copy=False)
-                    if frames[0].bytes == b"BOOTFAIL":
-                        time.sleep(0.2)     # let the message leave before the process exits
-                        os._exit(EXIT_BOOT_FAILED)
-            # The daemon's death is caught by PR_SET_PDEATHSIG; this catches a daemon that is alive but
-            # wedged, so it is lenient: a loaded host must not make healthy workers quit.
-            limit = max(ORPHAN_MIN_S, 4 * self.hb_interval * self.hb_liveness)
+            try:
+                s.send_multipart(hb, zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+            deadline = time.monotonic() + self.interval
+            while (left := deadline - time.monotonic()) > 0:
+                if s.poll(max(1, int(left * 1000))):
+                    while s.poll(0):
+                        s.recv_multipart()
+                        last_seen = time.monotonic()
             if time.monotonic() - last_seen > limit:
-                sys.stderr.write(f"packratd-worker {self.identity.decode()}: dispatcher silent for "
-                                 f"{limit:.1f}s, exiting\n")
+                sys.stderr.write(f"packratd-worker {self.identity.decode()}: dispatcher silent for {limit:.1f}s, exiting\n")
                 os._exit(EXIT_ORPHANED)
+
+
+HB_SUFFIX = b"!hb"
+
+
+class BootError(Exception):
+    """The worker cannot serve this model here; the message says why (sent as BOOTFAIL)."""
+
+
+def check_outputs(outputs: list, rows: int) -> list[dict]:
+    """Outputs must cross the wire and be batched on dim 0; returns the output spec."""
+    from . import protocol as P
+    spec = []
+    for i, o in enumerate(outputs):
+        if o.dtype.name not in P.DTYPES:
+            raise BootError(f"model output {i} has dtype {o.dtype}, which cannot be sent to clients "
+                            f"(allowed: {', '.join(P.DTYPES)}); cast it in the model before exporting")
+        if o.ndim == 0:
+            raise BootError(f"model output {i} is a scalar; packratd needs every output batched on dim 0")
+        if o.shape[0] != rows:
+            raise BootError(f"model output {i} has {o.shape[0]} rows on dim 0 for a batch of {rows}; packratd needs "
+                            "every output batched on dim 0 (one row per input row)")
+        spec.append({"dtype": o.dtype.name, "shape": [None] + list(o.shape[1:])})
+    return spec
+
+
+def boot(args) -> tuple:
+    """Load and warm up the model as the generation asked; returns (runner, READY info)."""
+    import torch
+    from . import model as model_mod, store
+    t0 = time.monotonic()
+    torch.set_num_threads(args.threads)
+    torch.set_num_interop_threads(1)
+    if args.model_digest:
+        got = store.file_digest(args.model)
+        if got != args.model_digest:
+            raise BootError(f"model file {args.model} has digest {got[:16]}..., the generation serves "
+                            f"{args.model_digest[:16]}...: refusing to serve another model")
+    module, spec = model_mod.load(args.model)
+    runner = lambda arrays: model_mod.run(module, arrays)  # noqa: E731
+    out_spec = None
+    # Warm up at the sizes this instance will see (its shares of the plan); a batch of 2 or more
+    # also shows whether every output really is batched on dim 0.
+    sizes = sorted({max(1, int(b)) for b in args.warmup_sizes.split(",")} | {2})
+    for b in sizes:
+        for i in range(max(1, args.warmup)):
+            outs = runner(model_mod.example_inputs(spec, b, seed=i))
+            this = check_outputs(outs, b)
+            if out_spec is None:
+                out_spec = this
+            elif this != out_spec:
+                raise BootError(f"model outputs change with the batch size: {out_spec} at one size, {this} at {b} rows")
+    info = {"pid": os.getpid(), "spec": spec, "outputs": out_spec, "boot_s": time.monotonic() - t0,
+            "threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)), "runtime": args.runtime,
+            "digest": args.model_digest, "warmup_sizes": sizes}
+    return runner, info
+
+
+def serve(sock, runner) -> None:
+    """Answer WORK until the process is stopped: one slice at a time, on this (the main) thread."""
+    import zmq
+    from . import messages as M
+    while True:
+        frames = sock.recv_multipart(copy=False)
+        t_recv = time.monotonic()
+        try:
+            msg = M.decode(frames)
+        except M.MessageError:
+            continue
+        if msg.kind != M.WORK:
+            continue
+        task = msg.head["task"]
+        try:
+            arrays = M.work_inputs(msg)
+            t1 = time.perf_counter()
+            t_start = time.monotonic()
+            outs = runner(arrays)
+            t_end = time.monotonic()
+            ms = (time.perf_counter() - t1) * 1000
+            trace = {"recv": t_recv, "start": t_start, "end": t_end, "send": time.monotonic()} if "trace" in msg.head else None
+            reply = M.result(task, ms, outs, trace)
+        except Exception as e:  # noqa: BLE001 - the model raised on this data (or a bad message): report, keep serving
+            reply = M.error(task, f"{type(e).__name__}: {str(e)[:1000]}")
+        try:
+            sock.send_multipart(reply, copy=False)
+        except zmq.ZMQError as e:
+            sys.stderr.write(f"packratd-worker: cannot send a result: {e}\n")
 
 
 def main(argv=None) -> int:
@@ -186,82 +272,43 @@ def main(argv=None) -> int:
     p.add_argument("--endpoint", required=True)
     p.add_argument("--identity", required=True)
     p.add_argument("--model", required=True)
+    p.add_argument("--model-digest", default="")
+    p.add_argument("--runtime", default="eager")
+    p.add_argument("--artifact", default="")
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--cpus", required=True, help="comma-separated CPU list")
     p.add_argument("--pin-threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--warmup-batch", type=int, default=1)
+    p.add_argument("--warmup-sizes", default="1")
     p.add_argument("--hb-interval", type=float, default=1.0)
     p.add_argument("--hb-liveness", type=int, default=5)
     args = p.parse_args(argv)
 
     set_parent_death_signal()
     cpus = [int(c) for c in args.cpus.split(",")]
-    # Fault injection for the reliability tests only: a worker on these CPUs dies while booting.
-    crash_on = os.environ.get("PACKRATD_TEST_CRASH_AT_BOOT_ON_CPUS")
-    if crash_on and set(cpus) & {int(c) for c in crash_on.split(",")}:
-        sys.stderr.write(f"packratd-worker {args.identity}: injected boot crash (PACKRATD_TEST_CRASH_AT_BOOT_ON_CPUS)\n")
-        os._exit(86)
     # Pin and set the thread environment BEFORE torch (and its OpenMP runtime) is loaded.
     os.sched_setaffinity(0, cpus)
     os.environ.update(thread_env(args.threads, cpus, bool(args.pin_threads)))
 
     import zmq
+    from . import messages as M
     ctx = zmq.Context()
-    io = IOThread(ctx, args.endpoint, args.identity.encode(), args.hb_interval, args.hb_liveness)
-    io.start()
-    io.pair_ready.wait()
-    pair = ctx.socket(zmq.PAIR)
-    pair.connect("inproc://compute")
-
-    t0 = time.monotonic()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.IDENTITY, args.identity.encode())
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(args.endpoint)
+    Heartbeat(ctx, args.endpoint, args.identity.encode(), args.hb_interval, args.hb_liveness).start()
     try:
-        import numpy as np
-        import torch
-        torch.set_num_threads(args.threads)
-        torch.set_num_interop_threads(1)
-        from . import model as model_mod
-        module, spec = model_mod.load(args.model)
-        outputs = []
-        for b in sorted({1, max(1, args.warmup_batch)}):
-            for i in range(max(1, args.warmup)):
-                outputs = model_mod.run(module, model_mod.example_inputs(spec, b, seed=i))
-        out_spec = model_mod.output_spec(outputs)
+        runner, info = boot(args)
     except BaseException as e:  # noqa: BLE001 - any boot failure is reported, then we exit with our own code
-        msg = f"{type(e).__name__}: {e}"
+        msg = str(e) if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
         sys.stderr.write(f"packratd-worker {args.identity}: boot failed: {msg}\n")
-        pair.send_multipart([b"BOOTFAIL", json.dumps({"message": msg[:2000]}).encode()])
-        time.sleep(5)
+        sock.send_multipart(M.bootfail(msg))
+        sock.close(linger=2000)      # let BOOTFAIL leave before the process exits
         return EXIT_BOOT_FAILED
-    ready = {"pid": os.getpid(), "spec": spec, "outputs": out_spec, "boot_s": time.monotonic() - t0,
-             "threads": torch.get_num_threads(), "cpus": cpus}
-    pair.send_multipart([b"READY", json.dumps(ready).encode()])
-
-    dtypes = {}
-    while True:
-        frames = pair.recv_multipart(copy=False)
-        head = json.loads(frames[1].bytes)
-        task = head["task"]
-        try:
-            t1 = time.perf_counter()
-            arrays = []
-            k = 2
-            for inp in head["inputs"]:
-                dt = dtypes.get(inp["dtype"]) or dtypes.setdefault(inp["dtype"], np.dtype(inp["dtype"]))
-                tail = tuple(inp["tail"])
-                parts = []
-                for rows in inp["rows"]:
-                    parts.append(np.frombuffer(frames[k].buffer, dtype=dt).reshape((rows, *tail)))
-                    k += 1
-                arrays.append(parts[0] if len(parts) == 1 else np.concatenate(parts))
-            outs = model_mod.run(module, arrays)
-            ms = (time.perf_counter() - t1) * 1000
-            reply = {"task": task, "ms": ms,
-                     "tensors": [{"dtype": o.dtype.name, "shape": list(o.shape)} for o in outs]}
-            pair.send_multipart([b"RESULT", json.dumps(reply).encode()] + [memoryview(o).cast("B") if o.size else b"" for o in outs],
-                                copy=False)
-        except Exception as e:  # noqa: BLE001 - the model raised on this data: report, keep serving
-            pair.send_multipart([b"ERROR", json.dumps({"task": task, "message": f"{type(e).__name__}: {str(e)[:1000]}"}).encode()])
+    sock.send_multipart(M.ready(info))
+    serve(sock, runner)
+    return 0
 
 
 if __name__ == "__main__":

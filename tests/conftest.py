@@ -38,6 +38,20 @@ def load_module(path):
     return torch.export.load(path).module()
 
 
+def health(endpoint: str, timeout: float = 5.0) -> dict | None:
+    """The daemon's health op (packratd.client.Client.health), or None: no socket yet, or no answer in time."""
+    from packratd.client import Client, InferenceTimeout
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+        return None
+    c = Client(endpoint, timeout=timeout)
+    try:
+        return c.health(retries=0)
+    except InferenceTimeout:
+        return None
+    finally:
+        c.close()
+
+
 _ALL_DAEMONS: list = []
 
 
@@ -56,7 +70,9 @@ def _no_daemon_outlives_the_session():
 class DaemonProc:
     """A real packratd process; stop() checks it leaves no worker behind."""
 
-    def __init__(self, tmp_path, model, plan=None, extra=(), config=None, env=None):
+    def __init__(self, tmp_path, model, plan=None, extra=(), config=None, env=None, prefix=()):
+        """``prefix``: a command the daemon runs under, e.g. ["ip", "netns", "exec", NS, "taskset", "-c", "0"]
+        (each part must exec the next, so proc.pid stays the daemon's)."""
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.dir = tmp_path
         self.runtime_dir = str(tmp_path / "run")
@@ -74,7 +90,7 @@ class DaemonProc:
         self.log = open(self.log_path, "w")
         e = dict(os.environ, PYTHONPATH=ROOT)
         e.update(env or {})
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
+        self.proc = subprocess.Popen(list(prefix) + cmd, stdout=self.log, stderr=subprocess.STDOUT, env=e, cwd=ROOT)
         self.ps = psutil.Process(self.proc.pid)
         _ALL_DAEMONS.append(self)
 
@@ -82,22 +98,19 @@ class DaemonProc:
         self.log.flush()
         return self.log_path.read_text()
 
+    def health(self, timeout=5.0) -> dict | None:
+        """The daemon's answer to the client protocol's health op, or None (no socket, no answer)."""
+        return health(self.endpoint, timeout)
+
     def wait_serving(self, timeout=120.0):
-        from packratd.client import Client
+        """Until the daemon says it is ready (a generation serves); raises with its log if it exits first."""
         deadline = time.monotonic() + timeout
-        sock = self.endpoint[6:]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
-            if os.path.exists(sock):
-                c = Client(self.endpoint, timeout=5)
-                try:
-                    c.ping()
-                    return self
-                except TimeoutError:
-                    pass
-                finally:
-                    c.close()
+            h = self.health(timeout=2.0)
+            if h is not None and h.get("ready"):
+                return self
             time.sleep(0.1)
         raise RuntimeError(f"daemon not serving after {timeout}s:\n{self.logs()}")
 

@@ -4,6 +4,8 @@ import pytest
 from packratd.generations import (ACTIVE, DRAINING, FAILED, RETIRED, STARTING, GenView, ReconfigQueue,
                                   may_retire, may_switch, should_abandon)
 
+pytestmark = pytest.mark.fast
+
 V = GenView
 
 

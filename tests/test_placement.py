@@ -21,6 +21,8 @@ ALL = set(range(1024))
 
 from tests.fixtures import make_sysfs  # noqa: E402  (the fixture generator, for variants)
 
+pytestmark = pytest.mark.fast
+
 
 def topo(name, allowed=ALL):
     return read_topology(os.path.join(FIX, name), allowed=allowed, cpuinfo_path="/nonexistent")
@@ -307,12 +309,11 @@ def test_offline_host():
 def test_validation_errors():
     with pytest.raises(PlacementError, match="empty"):
         place([], SNC2)
-    with pytest.raises(PlacementError):
-        place([(1, 1)], SNC2)
-    bad = InstanceSpec(1, 1)
-    object.__setattr__(bad, "threads", 0)
+    assert place([(1, 1)], SNC2) == place([InstanceSpec(1, 1)], SNC2)   # plain (threads, batch) pairs are plans too
     with pytest.raises(PlacementError, match="threads"):
-        place([bad], SNC2)
+        place([(0, 1)], SNC2)
+    with pytest.raises(PlacementError, match="instance 1"):
+        place([(1, 1), ("x", 1)], SNC2)
 
 
 # ---------------------------------------------------------------- properties

@@ -74,12 +74,19 @@ def test_profile_is_cached_and_refreshed_when_the_model_changes(tmp_path, models
 def test_cache_key_covers_host_and_settings(tmp_path, tiny_model):
     topo = read_topology()
     base, ident = profiler.cache_key(_cfg(tmp_path, tiny_model), topo, tiny_model)
-    assert ident["torch"] and ident["topology"] == topo.fingerprint() and ident["cpu_model"] == topo.cpu_model
+    assert ident["torch"] and ident["topology"] == topo.shape_fingerprint() and ident["cpu_model"] == topo.cpu_model
     assert profiler.cache_key(_cfg(tmp_path, tiny_model, **{"workers.allocator": "glibc"}), topo, tiny_model)[0] != base
     assert profiler.cache_key(_cfg(tmp_path, tiny_model, **{"server.max_batch_size": 8}), topo, tiny_model)[0] != base
     other = read_topology(os.path.join(os.path.dirname(__file__), "fixtures", "sysfs", "xeon2s"), allowed=set(range(64)),
                           cpuinfo_path=os.path.join(os.path.dirname(__file__), "fixtures", "cpuinfo", "xeon2s"))
     assert profiler.cache_key(_cfg(tmp_path, tiny_model), other, tiny_model)[0] != base
+    # a pod rescheduled onto other cores of the same machine type reuses the profile: the key has the
+    # topology's shape (cores per node, SMT, NUMA layout, CPU model and flags), not the CPU ids
+    fx = os.path.join(os.path.dirname(__file__), "fixtures")
+    same = [read_topology(os.path.join(fx, "sysfs", "xeon2s"), allowed=cpus, cpuinfo_path=os.path.join(fx, "cpuinfo", "xeon2s"))
+            for cpus in ({0, 1, 2, 3}, {4, 5, 6, 7})]
+    keys = [profiler.cache_key(_cfg(tmp_path, tiny_model), t, tiny_model)[0] for t in same]
+    assert keys[0] == keys[1] and same[0].fingerprint() != same[1].fingerprint()
 
 
 def test_corrupt_or_mismatched_cache_is_ignored(tmp_path, tiny_model):
@@ -113,14 +120,15 @@ def test_write_atomic_leaves_old_file_on_failure(tmp_path, monkeypatch):
 
 
 def test_prefer_fat_keeps_one_instance_on_a_near_tie():
-    from packratd.solver import Plan
+    from packratd import planner
+    from packratd.plan import Plan
     fat = Plan(((2, 8),), 100.0)
     split = Plan(((1, 4), (1, 4)), 97.0)
     far = Plan(((1, 4), (1, 4)), 80.0)
-    assert profiler.prefer_fat([(split, 97.0), (fat, 100.0)], fat, 0.05)[0] is fat      # 3% better: not enough
-    assert profiler.prefer_fat([(far, 80.0), (fat, 100.0)], fat, 0.05)[0] is far        # 20% better: split
-    assert profiler.prefer_fat([(split, 97.0), (fat, 100.0)], fat, 0.0)[0] is split     # margin off: plain minimum
-    assert profiler.prefer_fat([(split, 97.0)], fat, 0.05)[0] is split                  # fat not measured: minimum
+    assert planner.prefer_fat([(split, 97.0), (fat, 100.0)], fat, 0.05)[0] is fat      # 3% better: not enough
+    assert planner.prefer_fat([(far, 80.0), (fat, 100.0)], fat, 0.05)[0] is far        # 20% better: split
+    assert planner.prefer_fat([(split, 97.0), (fat, 100.0)], fat, 0.0)[0] is split     # margin off: plain minimum
+    assert planner.prefer_fat([(split, 97.0)], fat, 0.05)[0] is split                  # fat not measured: minimum
 
 
 def test_candidate_plans_always_include_the_fat_instance(tmp_path, tiny_model):
@@ -129,7 +137,7 @@ def test_candidate_plans_always_include_the_fat_instance(tmp_path, tiny_model):
     tab = LatencyTable([1, 2, 3, 4], [1, 2, 4, 8], [[1, 2, 4, 8], [0.9, 1.8, 3.6, 7.2], [0.85, 1.7, 3.4, 6.8], [0.8, 1.6, 3.2, 6.4]])
     topo = read_topology(os.path.join(os.path.dirname(__file__), "fixtures", "sysfs", "snc2"), allowed=set(range(8)),
                          cpuinfo_path=os.path.join(os.path.dirname(__file__), "fixtures", "cpuinfo", "snc2"))
-    cfg = _cfg(tmp_path, tiny_model, **{"autotune.candidates": 2})
+    from packratd import planner
     sol = solve(tab, 4, 8, top_k=3)
-    plans = profiler.candidate_plans(cfg, topo, sol)
+    plans = planner.candidate_plans(sol, topo, False, 2)
     assert len(plans) == 2 and plans[0] == sol.best and plans[1].shape == sol.fat.shape

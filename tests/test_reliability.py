@@ -260,20 +260,47 @@ def test_worker_killed_mid_batch_slice_is_resent(daemon, slow_model, slow_pool):
 
 
 # ---- 2. workers that crash while booting ---------------------------------------------------------------
+class Killer:
+    """Kills, as soon as it appears, every worker of the daemon pinned to `cpu` (a worker that crashes while
+    booting, injected from outside: no test hook in the product).  Records the pids it killed."""
+
+    def __init__(self, d: DaemonProc, cpu: int):
+        self.d, self.cpu, self.killed = d, cpu, []
+        self.stop = threading.Event()
+        self.t = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            for p in procs_of(self.d):
+                try:
+                    cmd = p.cmdline()
+                    # the worker's own --cpus (its affinity is the daemon's until it pins itself)
+                    cpus = cmd[cmd.index("--cpus") + 1].split(",") if "packratd.worker" in cmd and "--cpus" in cmd else []
+                    if str(self.cpu) in cpus and p.pid not in self.killed:
+                        p.kill()
+                        self.killed.append(p.pid)
+                except (psutil.Error, IndexError):
+                    pass
+            time.sleep(0.01)
+
+    def __enter__(self):
+        self.t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.t.join()
+
+
 def test_boot_crash_at_startup_exits_3_without_looping(daemon, tiny_model):
-    cpu = sorted(psutil.Process().cpu_affinity())[0]
-    d = daemon(tiny_model, plan="2x1:4", wait=False, env={"PACKRATD_TEST_CRASH_AT_BOOT_ON_CPUS": str(cpu)},
-               extra=["--set", "workers.max_restarts=2"])
-    rc = d.proc.wait(timeout=180)
-    logs = d.logs()
-    assert rc == 3, logs
-    assert "injected boot crash" in logs, logs
-    assert "generation 1 failed to start" in logs, logs
-    started = logs.count("worker g1.")
-    assert logs.count(" started: pid ") == 2, logs       # one spawn per instance: no restart loop at startup
+    cpu = sorted(psutil.Process().cpu_affinity())[-1]
+    d = daemon(tiny_model, plan="2x1:4", wait=False, extra=["--set", "workers.max_restarts=2"])
+    with Killer(d, cpu) as k:
+        rc = d.proc.wait(timeout=180)
+    assert rc == 3, d.logs()                     # EXIT_BOOT: the first generation could not start
+    assert len(k.killed) == 1, k.killed          # one worker on that core, never respawned: no restart loop at startup
     assert_no_workers_left(d)
-    print(f"\nreliability[boot-crash-at-startup]: exit {rc}, {logs.count(' started: pid ')} workers spawned, "
-          f"{started} worker log lines, none left")
+    print(f"\nreliability[boot-crash-at-startup]: exit {rc}, {len(k.killed)} worker killed while booting, none respawned")
 
 
 def test_crash_loop_backs_off_gives_up_and_replans(daemon, tiny_model):
@@ -364,7 +391,7 @@ def test_stuck_worker_is_detected_killed_and_replaced(daemon, slow_model, slow_p
         assert after[idx]["cpus"] == before[idx]["cpus"]
         st = d.control()
         assert st["worker_deaths"] == 1 and st["slices_resent"] >= 1, (st["worker_deaths"], st["slices_resent"])
-        assert "is not answering" in d.logs()
+        assert st["worker_deaths_by"] == {"heartbeat": 1}, st["worker_deaths_by"]     # noticed as silent, not by exit
         # still serving on both instances
         (y,) = c.infer(slow_pool[2][0][:4])
         assert _close(y, slow_pool[2][1][:4])

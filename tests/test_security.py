@@ -155,10 +155,12 @@ def _router(ctx, endpoint):
 def test_prepare_runtime_dir_creates_and_fixes_modes(tmp_path):
     d = tmp_path / "run"
     S.prepare_runtime_dir(str(d))
-    assert stat.S_IMODE(os.stat(d).st_mode) == 0o770
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o750            # the group may reach sockets, not add or remove them
     os.chmod(d, 0o777)                                          # exists with a bad mode: fixed
     S.prepare_runtime_dir(str(d), None)
-    assert stat.S_IMODE(os.stat(d).st_mode) == 0o770
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o750
+    S.prepare_runtime_dir(str(d), None, traverse_others=True)   # an admin group other than the client group
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o751
 
 
 @needs_root
@@ -169,7 +171,7 @@ def test_prepare_runtime_dir_group_by_name_or_gid(tmp_path):
     name = grp.getgrgid(NOBODY).gr_name                         # "nogroup" on Debian, "nobody" elsewhere
     S.prepare_runtime_dir(str(d), name)
     assert os.stat(d).st_gid == NOBODY
-    assert stat.S_IMODE(os.stat(d).st_mode) == 0o770
+    assert stat.S_IMODE(os.stat(d).st_mode) == 0o750
 
 
 def test_unknown_group_and_unsafe_paths_are_refused(tmp_path):
@@ -445,25 +447,85 @@ def client_probe(endpoint: str):
     return fn
 
 
+def control_probe(path: str):
+    """In the child: a packratctl-style status request, and what the kernel says about the runtime dir."""
+    def fn():
+        from packratd.control import ControlClient, ControlError
+        out = {}
+        try:
+            out["status"] = ControlClient("ipc://" + path, timeout=3).call("status")["state"]
+        except ControlError as e:
+            out["status"] = "refused: " + str(e)[:80]
+        run = os.path.dirname(path)
+        for what, op in (("unlink", lambda: os.unlink(os.path.join(run, "packratd.sock"))),
+                         ("create", lambda: open(os.path.join(run, "packratd.sock.evil"), "w").close()),
+                         ("rename", lambda: os.rename(os.path.join(run, "control.sock"), os.path.join(run, "x")))):
+            try:
+                op()
+                out[what] = "ok"
+            except OSError as e:
+                out[what] = errno.errorcode[e.errno]
+        return out
+    return fn
+
+
+ADMIN_GID = GID + 1 if GID + 1 < 47000 else GID - 1
+
+
 @pytest.mark.slow
 @needs_root
-def test_daemon_sockets_admit_only_the_group(traversable_dir, daemon, tiny_model):
+def test_clients_and_operators_are_different_principals(traversable_dir, daemon, tiny_model):
+    """Two real uids' worth of principals: a client (in server.socket_group) may infer but not operate;
+    an operator (in server.admin_group) may operate; neither can replace a socket; others can do nothing."""
     import packratd.client  # noqa: F401 - imported before the fork, so the child needs no file access
+    import packratd.control  # noqa: F401
     run = os.path.join(traversable_dir, "run")
     d = daemon(tiny_model, plan="1x1:4", wait=False,
-               extra=["--runtime-dir", run, "--set", f"server.socket_group={GID}"])
+               extra=["--runtime-dir", run, "--set", f"server.socket_group={GID}", "--set", f"server.admin_group={ADMIN_GID}"])
     d.runtime_dir, d.endpoint = run, f"ipc://{run}/packratd.sock"
     d.wait_serving()
     st = os.stat(run)
-    assert stat.S_IMODE(st.st_mode) == 0o770 and st.st_gid == GID
-    for name, mode, gid in (("packratd.sock", 0o660, GID), ("control.sock", 0o660, GID), ("workers.sock", 0o600, 0)):
+    assert stat.S_IMODE(st.st_mode) == 0o751 and st.st_gid == GID          # admins outside the client group may traverse
+    for name, mode, gid in (("packratd.sock", 0o660, GID), ("control.sock", 0o660, ADMIN_GID), ("workers.sock", 0o600, 0)):
         st = os.stat(os.path.join(run, name))
         assert (stat.S_IMODE(st.st_mode), st.st_gid) == (mode, gid), name
-    assert run_as(client_probe(d.endpoint), NOBODY, NOBODY, [])[0] is None
-    assert run_as(client_probe(d.endpoint), NOBODY, NOBODY, [GID])[0] == "pong"
-    # group members still cannot reach the worker socket
-    out, _ = run_as(probe(os.path.join(run, "workers.sock"), 300), NOBODY, NOBODY, [GID])
+    control = os.path.join(run, "control.sock")
+    client_uid, admin_uid = NOBODY, NOBODY - 1          # two uids with no other rights on this host
+    # nobody in neither group: no inference, no control
+    assert run_as(client_probe(d.endpoint), client_uid, NOBODY, [])[0] is None
+    out, _ = run_as(control_probe(control), client_uid, NOBODY, [])
+    assert out["status"].startswith("refused") and out["unlink"] == "EACCES", out
+    # a client: inference yes, control no, and it cannot unlink, create or rename anything in the runtime dir
+    assert run_as(client_probe(d.endpoint), client_uid, NOBODY, [GID])[0] == "pong"
+    out, _ = run_as(control_probe(control), client_uid, NOBODY, [GID])
+    assert out["status"].startswith("refused"), out
+    assert (out["unlink"], out["create"], out["rename"]) == ("EACCES", "EACCES", "EACCES"), out
+    out, _ = run_as(probe(control, 300), client_uid, NOBODY, [GID])        # the kernel says no, not only packratctl
     assert out["connect"] == "EACCES", out
+    # group members still cannot reach the worker socket
+    out, _ = run_as(probe(os.path.join(run, "workers.sock"), 300), client_uid, NOBODY, [GID])
+    assert out["connect"] == "EACCES", out
+    # an operator (another uid, in the admin group only): control yes, inference no, still no socket swapping
+    out, _ = run_as(control_probe(control), admin_uid, NOBODY, [ADMIN_GID])
+    assert out["status"] == "serving", out
+    assert (out["unlink"], out["create"], out["rename"]) == ("EACCES", "EACCES", "EACCES"), out
+    assert run_as(client_probe(d.endpoint), admin_uid, NOBODY, [ADMIN_GID])[0] is None
+    assert d.control()["requests"] == 0 and d.control()["state"] == "serving"
+
+
+@pytest.mark.slow
+@needs_root
+def test_without_an_admin_group_only_packratds_user_operates(traversable_dir, daemon, tiny_model):
+    run = os.path.join(traversable_dir, "run")
+    d = daemon(tiny_model, plan="1x1:4", wait=False, extra=["--runtime-dir", run, "--set", f"server.socket_group={GID}"])
+    d.runtime_dir, d.endpoint = run, f"ipc://{run}/packratd.sock"
+    d.wait_serving()
+    assert stat.S_IMODE(os.stat(run).st_mode) == 0o750
+    assert stat.S_IMODE(os.stat(os.path.join(run, "control.sock")).st_mode) == 0o600
+    out, _ = run_as(control_probe(os.path.join(run, "control.sock")), NOBODY, NOBODY, [GID])
+    assert out["status"].startswith("refused"), out
+    # drain, reconfigure, profile --refresh and reload are only on that socket: a client cannot reach any of them
+    assert d.control("status")["state"] == "serving"
 
 
 @pytest.mark.slow

@@ -20,6 +20,8 @@ from packratd.solver import (
     split_table,
 )
 
+pytestmark = pytest.mark.fast
+
 INF = math.inf
 
 
@@ -290,7 +292,8 @@ def test_mixed_plan_is_found():
     sol = solve(D, T, B)
     assert sol.best.instances == ((6, 9), (4, 4), (4, 4))
     assert sol.best.latency_ms == 5.0
-    assert str(sol.best) == "1x<6t,9> + 2x<4t,4> (pred 5.0 ms)"
+    assert str(sol.best) == "6:9,2x4:4"
+    assert sol.best.describe() == "6:9,2x4:4 (predicted 5.0 ms)"
     assert sol.fat.instances == ((14, 17),) and sol.fat in sol.runners_up
 
 
@@ -304,7 +307,7 @@ def test_b_zero_empty_plan():
     sol = solve(D, 2, 0)
     assert sol.best.instances == () and sol.best.latency_ms == 0.0
     assert sol.runners_up == () and sol.fat is None
-    assert str(sol.best) == "<empty> (pred 0.0 ms)"
+    assert str(sol.best) == "<empty>"
 
 
 def test_b_smaller_than_cores():
@@ -680,4 +683,5 @@ def test_plan_helpers_and_str():
     assert p.total_batch == 16
     assert p.threads == (2, 1, 1)
     assert p.shape == (2, 1, 1)
-    assert str(p) == "1x<2t,8> + 2x<1t,4> (pred 12.3 ms)"
+    assert str(p) == "2:8,2x1:4"
+    assert p.describe() == "2:8,2x1:4 (predicted 12.3 ms)"

@@ -309,6 +309,20 @@ def runner_main(argv=None) -> int:
 # a real packratd daemon
 # ---------------------------------------------------------------------------------------------
 
+def health(endpoint: str, timeout: float = 5.0) -> dict | None:
+    """The daemon's health op (packratd.client.Client.health), or None: no socket yet, or no answer in time."""
+    from packratd.client import Client, InferenceTimeout
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+        return None
+    c = Client(endpoint, timeout=timeout)
+    try:
+        return c.health(retries=0)
+    except InferenceTimeout:
+        return None
+    finally:
+        c.close()
+
+
 class BenchDaemon:
     """A packratd process with a short runtime dir under /tmp (ipc paths are limited to ~100 chars)."""
 
@@ -343,21 +357,14 @@ class BenchDaemon:
             return f.read()
 
     def wait_serving(self, timeout: float = 300.0) -> "BenchDaemon":
-        from packratd.client import Client
+        """Until the daemon's health op says ready (the client socket answers ping from start-up on)."""
         deadline = time.monotonic() + timeout
-        sock = self.endpoint[6:]
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name}: daemon exited with {self.proc.returncode}:\n{self.logs()}")
-            if os.path.exists(sock):
-                c = Client(self.endpoint, timeout=5)
-                try:
-                    c.ping()
-                    return self
-                except TimeoutError:
-                    pass
-                finally:
-                    c.close()
+            h = health(self.endpoint, 2.0)
+            if h is not None and h.get("ready"):
+                return self
             time.sleep(0.1)
         raise RuntimeError(f"{self.name}: not serving after {timeout:.0f}s:\n{self.logs()}")
 
