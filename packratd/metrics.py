@@ -14,8 +14,12 @@ fed three ways, all from the daemon's main thread:
 * ``on_reconfiguration(duration_s)`` when a new generation takes over (duration: from starting the new
   generation to it receiving batches).
 
-``start(addr, port)`` serves ``/metrics`` over HTTP from a daemon thread (prometheus_client's
-``start_http_server``); port 0 means disabled.  The scrape thread only reads prometheus_client's
+``start(addr, port)`` serves HTTP from a daemon thread (a small WSGI router in front of prometheus_client's
+``make_wsgi_app``; port 0 means disabled): ``/metrics`` the text exposition, ``/healthz`` and ``/readyz``
+for probes (200 or 503), any other path 404.  Live means the main loop pushed a status snapshot less than
+``live_timeout_s`` ago (it pushes one about every second, so the default of 5 s allows for a few slow
+passes on a loaded host); ready means live and the snapshot's state is ``serving``.  Until the first
+snapshot, the start of serving counts as one.  The scrape thread only reads prometheus_client's
 thread-safe metrics and the last status snapshot; it never touches daemon state.
 
 Exposed (all prefixed ``packratd_``):
@@ -49,11 +53,14 @@ import logging
 import math
 import platform
 import re
+import socket
 import threading
 import time
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 import zmq
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
+from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -176,6 +183,11 @@ class _StatusCollector(Collector):
             yield fam
 
 
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format, *args):     # no access log on stderr for every scrape and probe
+        pass
+
+
 def _num(v, default: float) -> float:
     try:
         f = float(v)
@@ -197,6 +209,8 @@ class Metrics:
         self._server = None
         self._thread = None
         self.port: int | None = None
+        self.live_timeout_s = 5.0          # /healthz: the main loop pushed a snapshot this recently
+        self._updated_at: float | None = None
 
         self.request_duration = Histogram(f"{prefix}_request_duration_seconds",
                                           "Time from a request's arrival to its answer (successful requests).",
@@ -251,6 +265,7 @@ class Metrics:
         """Take the dict Daemon.cmd_status() returns; gauges are rendered from it at scrape time."""
         with self._lock:
             self._status = status
+            self._updated_at = time.monotonic()
             for w in status.get("workers") or ():
                 r = w.get("restarts")
                 if r is not None:
@@ -274,13 +289,26 @@ class Metrics:
         with self._lock:
             return self._status
 
+    def health(self) -> tuple[bool, bool, str]:
+        """(live, ready, why) from the last status snapshot and its age."""
+        with self._lock:
+            st, at = self._status, self._updated_at
+        age = time.monotonic() - at if at is not None else None
+        if age is None or age > self.live_timeout_s:
+            why = "no status update yet" if age is None else f"no status update for {age:.1f}s"
+            return False, False, f"not live: {why} (the main loop is not turning)"
+        state = (st or {}).get("state") if st is not None else "starting"
+        if state != "serving":
+            return True, False, f"not ready: {state or 'unknown'}"
+        return True, True, "ready"
+
     def _restarts_total(self) -> int:
         with self._lock:
             return sum(self._restarts.values())
 
     # ---- HTTP --------------------------------------------------------------------------------
     def start(self, addr: str = "127.0.0.1", port: int = 0) -> int | None:
-        """Serve /metrics on addr:port (config semantics: port 0 = disabled, returns None).
+        """Serve /metrics, /healthz and /readyz on addr:port (config semantics: port 0 = disabled, returns None).
 
         Returns the bound port.  Raises OSError when the address cannot be bound."""
         if not port:
@@ -288,13 +316,40 @@ class Metrics:
         return self.serve(addr, port)
 
     def serve(self, addr: str, port: int) -> int:
-        """Serve /metrics on addr:port; port 0 binds an ephemeral port (tests).  Returns the bound port."""
+        """Serve /metrics, /healthz and /readyz on addr:port; port 0 binds an ephemeral port (tests).  Returns the bound port."""
         if self._server is not None:
             raise RuntimeError(f"metrics already served on port {self.port}")
-        self._server, self._thread = start_http_server(port, addr, self.registry)
+        family = socket.getaddrinfo(addr, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0][0]
+        server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+        with self._lock:
+            if self._updated_at is None:
+                self._updated_at = time.monotonic()      # the grace before the first snapshot
+        self._server = make_server(addr, port, self._wsgi(), server_class, handler_class=_QuietHandler)
+        self._thread = threading.Thread(target=self._server.serve_forever, name="metrics-http", daemon=True)
+        self._thread.start()
         self.port = self._server.server_port
         log.info("metrics on http://%s:%d/metrics", addr if ":" not in addr else f"[{addr}]", self.port)
         return self.port
+
+    def _wsgi(self):
+        metrics_app = make_wsgi_app(self.registry)
+
+        def app(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            if path == "/metrics":
+                return metrics_app(environ, start_response)
+            if path in ("/healthz", "/readyz"):
+                if environ["REQUEST_METHOD"] not in ("GET", "HEAD"):
+                    start_response("405 Method Not Allowed", [("Allow", "GET, HEAD"), ("Content-Type", "text/plain")])
+                    return [b"use GET\n"]
+                live, ready, why = self.health()
+                ok = live if path == "/healthz" else ready
+                text = ("ok" if path == "/healthz" else "ready") if ok else why
+                start_response("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+                return [text.encode() + b"\n"]
+            start_response("404 Not Found", [("Content-Type", "text/plain")])
+            return [b"not found: this server has /metrics, /healthz and /readyz\n"]
+        return app
 
     def stop(self) -> None:
         self.up.set(0)

@@ -240,6 +240,7 @@ def test_daemon_serves_metrics(daemon, tiny_model):
     assert sum(val(s, "packratd_worker_tasks_total", **b) for b in busy) >= 4
     assert val(s, "packratd_queue_rows") == 0
     assert val(s, "packratd_state", state="serving") == 1
+    assert get(port, "/healthz")[0] == 200 and get(port, "/readyz") == (200, "ready\n")
     d.stop()
     with pytest.raises((urllib.error.URLError, ConnectionError)):
         scrape(port)
@@ -261,3 +262,50 @@ def test_grafana_dashboard_uses_only_exposed_metrics():
     m.update(status())
     exposed = {s.name for fam in text_string_to_metric_families(m.render().decode()) for s in fam.samples}
     assert used and used <= exposed, sorted(used - exposed)
+
+
+# ---- probes: /healthz, /readyz, and nothing but /metrics has metrics ------------------------------
+
+def get(port: int, path: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_only_metrics_path_serves_metrics(metrics):
+    code, text = get(metrics.port, "/metrics")
+    assert code == 200 and "packratd_up 1.0" in text
+    for path in ("/", "/metric", "/metrics/x", "/favicon.ico", "/healthz/x"):
+        code, text = get(metrics.port, path)
+        assert code == 404, (path, code)
+        assert "packratd_" not in text, path
+
+
+def test_healthz_and_readyz_follow_the_status_updates():
+    m = Metrics()
+    m.live_timeout_s = 0.5
+    m.serve("127.0.0.1", 0)
+    try:
+        assert get(m.port, "/healthz")[0] == 200            # the grace before the first snapshot
+        assert get(m.port, "/readyz")[0] == 503
+        m.update(status(state="profiling"))
+        assert get(m.port, "/healthz")[0] == 200
+        code, text = get(m.port, "/readyz")
+        assert code == 503 and "profiling" in text
+        m.update(status(state="serving"))
+        assert get(m.port, "/readyz") == (200, "ready\n")
+        # The main loop stops pushing snapshots: live (and so ready) goes false after live_timeout_s.
+        deadline = time.monotonic() + 10
+        while get(m.port, "/healthz")[0] == 200 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        code, text = get(m.port, "/healthz")
+        assert code == 503 and "not live" in text
+        assert get(m.port, "/readyz")[0] == 503
+        m.update(status(state="serving"))                    # it turns again
+        assert get(m.port, "/healthz")[0] == 200 and get(m.port, "/readyz")[0] == 200
+        m.update(status(state="stopping"))
+        assert get(m.port, "/readyz")[0] == 503
+    finally:
+        m.stop()

@@ -1,0 +1,3 @@
+from .gateway import main
+
+raise SystemExit(main())
