@@ -39,6 +39,7 @@ __all__ = [
     "Topology",
     "TopologyError",
     "read_topology",
+    "read_cpu_flags",
     "parse_cpulist",
     "format_cpulist",
 ]
@@ -150,6 +151,7 @@ class Topology:
     excluded_cpus: frozenset[int] = frozenset()
     cpu_model: str = "unknown"
     warnings: tuple[str, ...] = ()
+    cpu_flags: tuple[str, ...] = ()     # /proc/cpuinfo "flags" (x86) / "Features" (ARM), sorted; () = unknown
 
     # -- derived views -------------------------------------------------------
 
@@ -240,6 +242,8 @@ class Topology:
             "excluded_cpus": format_cpulist(self.excluded_cpus),
             "warnings": list(self.warnings),
             "fingerprint": self.fingerprint(),
+            "shape": self.shape(),
+            "shape_fingerprint": self.shape_fingerprint(),
         }
 
     def fingerprint(self) -> str:
@@ -253,6 +257,30 @@ class Topology:
             "cpu_model": self.cpu_model,
             "cores": [[c.socket, c.node, c.core_id, list(c.cpus)] for c in self.cores],
         }
+        blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def shape(self) -> list[list[list[int]]]:
+        """The usable layout up to renaming CPUs, cores, nodes and sockets: for each socket, for each
+        of its NUMA nodes, the number of usable logical CPUs (SMT siblings) of each core, all sorted.
+
+        Two CPU sets with the same shape offer the same placements: ``placement`` keeps an instance
+        inside one node and gives it whole cores, so what a plan can use is exactly how many cores each
+        node has, how many threads each core runs, and which nodes share a socket.  Which CPU ids they
+        carry does not matter.  ``[[[2, 2], [2, 2, 2]]]``: one socket with two nodes, of two and of
+        three cores, each core with two usable SMT threads."""
+        per_socket: dict[int, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for c in self.cores:
+            per_socket[c.socket][c.node].append(len(c.cpus))
+        return sorted(sorted(sorted(cores) for cores in nodes.values()) for nodes in per_socket.values())
+
+    def shape_fingerprint(self) -> str:
+        """Stable hash of the layout's :meth:`shape`, the CPU model and the CPU flags, but not of the
+        CPU ids: a profile measured on cpus 0-3 holds on cpus 8-11 of the same node layout on the same
+        machine type (a pod rescheduled onto other cores, another host of the same node pool), and it
+        does not hold when the SMT, the NUMA layout, the CPU model or its instruction set differ.
+        Suitable for the profile cache key.  :meth:`fingerprint` is the exact-id variant."""
+        canon = {"shape": self.shape(), "cpu_model": self.cpu_model, "cpu_flags": list(self.cpu_flags)}
         blob = json.dumps(canon, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -320,6 +348,23 @@ def read_cpu_model(cpuinfo_path: str = "/proc/cpuinfo") -> str:
     if "cpu implementer" in fields and "cpu part" in fields:
         return f"arm implementer {fields['cpu implementer']} part {fields['cpu part']}"
     return "unknown"
+
+
+def read_cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> tuple[str, ...]:
+    """The CPU's feature flags from /proc/cpuinfo, sorted: x86 "flags", ARM "Features", RISC-V "isa".
+
+    Only the flags every listed processor has (they agree on real hosts; a VM may differ per vCPU),
+    so the set does not depend on which CPUs this process may use.  () when none are listed."""
+    text = _read(cpuinfo_path)
+    if not text:
+        return ()
+    common: set[str] | None = None
+    for line in text.splitlines():
+        k, sep, v = line.partition(":")
+        if sep and k.strip().lower() in ("flags", "features", "isa"):
+            flags = set(v.split())
+            common = flags if common is None else common & flags
+    return tuple(sorted(common)) if common else ()
 
 
 class _UnionFind:
@@ -558,4 +603,5 @@ def read_topology(
         excluded_cpus=frozenset(excluded),
         cpu_model=read_cpu_model(cpuinfo_path),
         warnings=tuple(warnings),
+        cpu_flags=read_cpu_flags(cpuinfo_path),
     )

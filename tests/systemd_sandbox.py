@@ -13,6 +13,15 @@ is exec'd.  Each ``overlay`` directory (e.g. /etc, /usr) is seen through an over
 layer lives on the namespace's /run tmpfs, so useradd, unit installs, config and doc files written
 there inside the sandbox never reach the host.  Everything else (the checkout, /srv) is the host's.
 
+A checkout (or venv, or test directory) that lives under one of the masked paths -- a ``git clone``
+into /tmp, a CI work folder under /var/lib -- would be hidden by those tmpfs.  Name it in ``keep``
+(read-only inside the namespace) or ``keep_rw``: before the tmpfs go on, the script binds each such
+path to a staging tmpfs on a spare directory outside the masked paths; once they are on, it
+``mkdir -p``'s the original path on the new tmpfs, binds it back there, and unmounts the staging
+area, so the namespace sees the same files at the same paths.  The bound-back paths are mount
+points, which systemd-tmpfiles' boot-time removal of /tmp's contents does not descend into, and the
+``keep`` ones are read-only as well, so nothing in the sandbox can delete or change them.
+
 The namespace's PID 1 is found as the only child of the ``unshare`` process this object started,
 never by a name match: other sessions may run their own systemd sandboxes on the same host.
 """
@@ -31,6 +40,9 @@ DEFAULT_TMPFS = ("/tmp", "/run", "/var/tmp")
 # host's /var/log/journal) and /var/lib (StateDirectory= and every unit's state stay in the sandbox,
 # and host services' data directories are not there to be used).
 DEFAULT_TMPFS_EXTRA = ("/var/log", "/var/lib")
+# Where kept paths are staged while the tmpfs go on: a tmpfs is mounted over the first of these that
+# exists, inside the namespace only (private propagation), and unmounted again before systemd runs.
+STAGING_CANDIDATES = ("/media", "/mnt", "/opt", "/srv")
 
 
 class SandboxError(RuntimeError):
@@ -78,18 +90,55 @@ def _exe(pid: int) -> str | None:
         return None
 
 
+def _under(path: str, top: str) -> bool:
+    """path is top or below it (both absolute, normalised)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
+
+
 class SystemdSandbox:
     def __init__(self, tmpfs_extra: tuple[str, ...] = DEFAULT_TMPFS_EXTRA, overlay: tuple[str, ...] = (),
-                 unit: str = "basic.target", boot_timeout: float = 60.0):
+                 unit: str = "basic.target", boot_timeout: float = 60.0,
+                 keep: tuple[str, ...] = (), keep_rw: tuple[str, ...] = ()):
         # basic.target, not multi-user.target: the host's enabled services (databases, ...) are not
         # started inside the sandbox; journald, sockets and timers are.
         self.tmpfs = tuple(DEFAULT_TMPFS) + tuple(tmpfs_extra)
         self.overlay = tuple(overlay)
+        self.kept = self._kept(keep, keep_rw)      # [(path, read_only)] that needed a bind-back
         self.unit = unit
         self.boot_timeout = boot_timeout
         self.unshare: subprocess.Popen | None = None
         self.pid: int | None = None          # the namespace's PID 1, as the host sees it
         self.boot_s: float | None = None
+
+    def _kept(self, keep, keep_rw) -> list[tuple[str, bool]]:
+        """The paths of keep / keep_rw that a masked path would hide, outermost only: [(path, read_only)]."""
+        want: dict[str, bool] = {}
+        for paths, ro in ((keep_rw, False), (keep, True)):
+            for p in paths:
+                real = os.path.realpath(p)
+                if not os.path.exists(real):
+                    raise SandboxError(f"cannot keep {p}: it does not exist")
+                for m in self.tmpfs:
+                    if _under(m, real):
+                        raise SandboxError(f"cannot keep {p}: binding it back would uncover {m}, which must be "
+                                           "a fresh tmpfs in the sandbox (systemd-tmpfiles empties it at boot)")
+                if any(_under(real, m) for m in self.tmpfs):
+                    want[real] = want.get(real, True) and ro      # rw wins when named in both
+        out = []
+        for p in sorted(want, key=len):
+            outer = next((q for q, _ in out if _under(p, q)), None)
+            if outer is None:
+                out.append((p, want[p]))
+            elif not want[p] and dict(out)[outer]:
+                raise SandboxError(f"cannot keep {p} writable inside {outer}, which is kept read-only")
+        return out
+
+    def _staging(self) -> str:
+        for d in STAGING_CANDIDATES:
+            if (os.path.isdir(d) and not os.path.islink(d) and not any(_under(d, m) or _under(m, d) for m in self.tmpfs)
+                    and not any(_under(d, p) or _under(p, d) for p, _ in self.kept)):
+                return d
+        raise SandboxError("no spare directory to stage kept paths on (tried " + ", ".join(STAGING_CANDIDATES) + ")")
 
     # ---- lifecycle -------------------------------------------------------------------------
     def _script(self) -> str:
@@ -97,10 +146,32 @@ class SystemdSandbox:
         if systemd is None:
             raise SandboxError("no systemd binary")
         steps = ["set -e"]
+        staging = self._staging() if self.kept else None
+        if staging:
+            # 1. bind every kept path to the staging tmpfs while it is still visible
+            steps.append(f"mount -t tmpfs -o mode=0700 tmpfs {shlex.quote(staging)}")
+            for i, (path, _) in enumerate(self.kept):
+                kind = "d" if os.path.isdir(path) else "f"
+                st = shlex.quote(f"{staging}/{i}")
+                steps += [f"mkdir {st}" if kind == "d" else f": > {st}",
+                          f"mount --bind {shlex.quote(path)} {st}"]
         # /run first: the /etc overlay keeps its upper layer there.
         for path in sorted(self.tmpfs, key=lambda p: (p != "/run", p)):
             steps.append(f"mount -t tmpfs -o mode=1777 tmpfs {shlex.quote(path)}"
                          if path in ("/tmp", "/var/tmp") else f"mount -t tmpfs -o mode=0755 tmpfs {shlex.quote(path)}")
+        if staging:
+            # 2. the same path on the fresh tmpfs, bound back (read-only for keep), then drop the staging area
+            for i, (path, ro) in enumerate(self.kept):
+                q, st = shlex.quote(path), shlex.quote(f"{staging}/{i}")
+                if os.path.isdir(path):
+                    steps.append(f"mkdir -p {q}")
+                else:
+                    steps += [f"mkdir -p {shlex.quote(os.path.dirname(path))}", f": > {q}"]
+                steps.append(f"mount --bind {st} {q}")
+                if ro:
+                    steps.append(f"mount -o remount,bind,ro {q}")
+                steps.append(f"umount {st}")
+            steps.append(f"umount {shlex.quote(staging)}")
         for i, path in enumerate(self.overlay):
             d = f"/run/.sandbox-overlay/{i}"
             steps += [f"mkdir -p {d}/upper {d}/work",

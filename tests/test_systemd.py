@@ -9,6 +9,11 @@ PrivateTmp, and the sandbox's /tmp is a tmpfs anyway), readable by the service u
 The client runs here, in the test process, and reaches the daemon's socket on the namespace's /run
 tmpfs through /proc/<sandbox PID 1>/root/run/packratd/packratd.sock (root may traverse it).
 
+The checkout may live anywhere, /tmp included (a `git clone` into /tmp, CI's work folder): the
+sandbox binds the checkout and the venv back over its fresh tmpfs (``keep=``), and when they are under
+/tmp or /var/tmp, which the unit's PrivateTmp= replaces once more, a drop-in binds them read-only
+into the service too (BindReadOnlyPaths=).
+
 Order matters (one daemon, one sandbox, module scope): start -> status -> reload -> stop (drain) ->
 watchdog (starts it again, hangs it, and checks systemd restarts it).
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sys
 import threading
 import time
 import uuid
@@ -24,9 +30,14 @@ import uuid
 import numpy as np
 import pytest
 
+import packratd
 from tests import systemd_sandbox as sbx
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What the sandbox and the unit must see: the checkout (install.sh, docs), the venv (sys.prefix), and
+# the packratd package itself (an editable install points into a checkout, maybe another one).
+NEEDED = tuple(dict.fromkeys(os.path.realpath(p) for p in (
+    ROOT, sys.prefix, os.path.dirname(os.path.dirname(os.path.abspath(packratd.__file__))))))
 UNIT = "packratd.service"
 WATCHDOG_SEC = 10          # as in systemd/packratd.service
 HB_INTERVAL, HB_LIVENESS, STOP_GRACE = 0.5, 10, 5.0
@@ -71,15 +82,30 @@ def testdir():
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _private_tmp_dropin(paths) -> str | None:
+    """A drop-in that binds paths under /tmp or /var/tmp into the unit, whose PrivateTmp= hides them."""
+    hidden = [p for p in paths if any(sbx._under(p, t) for t in ("/tmp", "/var/tmp"))]
+    if not hidden:
+        return None
+    return ("# tests/test_systemd.py: the checkout / venv under test lives under a PrivateTmp= path\n"
+            "[Service]\nBindReadOnlyPaths=" + " ".join(hidden) + "\n")
+
+
 @pytest.fixture(scope="module")
 def sandbox(testdir):
-    sb = sbx.SystemdSandbox(overlay=("/etc", "/usr"))
+    sb = sbx.SystemdSandbox(overlay=("/etc", "/usr"), keep=NEEDED)
     sb.boot()
     try:
         r = sb.run(["sh", os.path.join(ROOT, "systemd", "install.sh"),
                     "--bin", os.path.join(ROOT, ".venv", "bin", "packratd"),
                     "--config", os.path.join(testdir, "packratd.toml")], timeout=120)
         sb.install_log = r.stdout + r.stderr
+        dropin = _private_tmp_dropin([p for p, _ in sb.kept])
+        if dropin:
+            d = "/etc/systemd/system/packratd.service.d"
+            sb.run(["mkdir", "-p", d])
+            sb.run(["sh", "-c", f"cat > {d}/90-test-checkout-in-tmp.conf"], input=dropin)
+            sb.systemctl("daemon-reload")
         yield sb
     finally:
         sb.stop()
@@ -132,11 +158,6 @@ class Ctx:
         except sbx.SandboxError as e:
             raise AssertionError(f"{e}\n{self.sb.journal(UNIT)[-4000:]}") from None
 
-    def wait_journal(self, pattern, timeout):
-        rx = re.compile(pattern)
-        return self.sb.wait_for(lambda: rx.search(self.sb.journal(UNIT)), timeout, interval=0.2,
-                                what=f"journal line /{pattern}/")
-
     def ns_kill(self, sig, pid):
         self.sb.run(["kill", f"-{sig}", str(pid)])
 
@@ -160,6 +181,11 @@ def test_install(ctx):
     assert "tests/test_systemd.py" in sb.run(["cat", "/etc/packratd/packratd.toml"]).stdout
     r = sb.systemctl("cat", UNIT)
     assert "Type=notify" in r.stdout
+    # the checkout and venv are visible in the sandbox at their own paths, wherever they are
+    for p in NEEDED:
+        sb.run(["test", "-d", p])
+    if _private_tmp_dropin([p for p, _ in sb.kept]):
+        assert "BindReadOnlyPaths=" in r.stdout, r.stdout
 
 
 def test_start_returns_once_serving(ctx):
@@ -174,13 +200,15 @@ def test_start_returns_once_serving(ctx):
     assert p["WatchdogUSec"] == f"{WATCHDOG_SEC}s", p
     st = ctx.control()
     assert st["plan"] == "2x1:4" and st["state"] == "serving", st
-    # the service user, the group-accessible runtime directory and socket (RuntimeDirectoryMode, UMask)
+    # the service user owns the runtime directory and the socket, and others can neither reach the socket
+    # nor put anything in the directory (which group may do what is the privilege separation's to decide:
+    # docs/operations.md)
     uid = int(ctx.sb.run(["id", "-u", "packratd"]).stdout)
     s = os.stat(ctx.sock)
     d = os.stat(os.path.dirname(ctx.sock))
     assert s.st_uid == uid and d.st_uid == uid
-    assert oct(d.st_mode & 0o777) == "0o770", oct(d.st_mode)
-    assert oct(s.st_mode & 0o777) == "0o660", oct(s.st_mode)          # packratd.security.secure_ipc
+    assert d.st_mode & 0o007 in (0, 0o001) and not d.st_mode & 0o002, oct(d.st_mode)
+    assert s.st_mode & 0o007 == 0, oct(s.st_mode)                      # packratd.security.secure_ipc
     # the daemon and its workers run as packratd
     main = ctx.sb.host_pid(int(p["MainPID"]))
     assert main and os.stat(f"/proc/{main}").st_uid == uid
@@ -193,15 +221,16 @@ def test_status_shows_status_line(ctx):
             c.infer(np.ones((n + 1, 64), np.float32))
     finally:
         c.close()
-    rx = re.compile(r'Status: "serving plan 2x1:4 \(generation (\d+)\), (\d+) requests served"')
+    rx = re.compile(r"\b(\d+) requests\b")
 
     def served():
-        out = ctx.sb.systemctl("status", UNIT, check=False).stdout
-        m = rx.search(out)
-        return (m, out) if m and int(m.group(2)) >= 3 else None
+        p = ctx.show("StatusText", "ActiveState", "SubState")
+        m = rx.search(p.get("StatusText", ""))
+        return p if m and int(m.group(1)) >= 3 else None
     # the daemon refreshes STATUS= every 5 s
-    m, out = ctx.sb.wait_for(served, 15, interval=0.5, what="STATUS= with the requests counted")
-    assert "Active: active (running)" in out, out
+    p = ctx.sb.wait_for(served, 15, interval=0.5, what="STATUS= with the requests counted")
+    assert "serving" in p["StatusText"] and "2x1:4" in p["StatusText"], p
+    assert (p["ActiveState"], p["SubState"]) == ("active", "running"), p
 
 
 def test_reload(ctx):
@@ -217,16 +246,21 @@ def test_reload(ctx):
     t0 = time.monotonic()
     r = sb.systemctl("reload", UNIT, check=False)
     assert r.returncode == 0, r.stdout + r.stderr
-    ctx.wait_journal(r"SIGHUP: config reloaded from /etc/packratd/packratd.toml", 20)
+
+    def reloaded():
+        c = ctx.client()
+        try:
+            return c.spec()["max_batch_size"] == 16
+        finally:
+            c.close()
+    try:
+        sb.wait_for(reloaded, 20, interval=0.2, what="max_batch_size 16 after the reload")
+    except sbx.SandboxError as e:
+        raise AssertionError(f"{e}\n{sb.journal(UNIT)[-4000:]}") from None
     ctx.wait_state("active", 20, sub="running")
     ctx.timings["reload"] = time.monotonic() - t0
     assert ctx.show("MainPID")["MainPID"] == pid, "reload restarted the daemon"
     ctx.check_infer(rows=2)
-    c = ctx.client()
-    try:
-        assert c.spec()["max_batch_size"] == 16
-    finally:
-        c.close()
 
 
 def test_stop_drains_in_flight_request(ctx):
@@ -257,8 +291,11 @@ def test_stop_drains_in_flight_request(ctx):
         t0 = time.monotonic()
         sb.systemctl("stop", "--no-block", UNIT)
         ctx.wait_state("deactivating", 10)
-        ctx.wait_journal(r"stopping \(signal\): draining", 10)
-        time.sleep(0.5)    # the stop is under way while the batch is still in flight
+        # The daemon has taken the SIGTERM (it says it is stopping) while the batch is still in flight
+        # and the client still waits: the stop drains, it does not fail what it holds.
+        st = sb.wait_for(lambda: (s := ctx.control())["state"] == "stopping" and s, 10, interval=0.1,
+                         what="status state 'stopping'")
+        assert st["inflight_batches"] >= 1, st
         assert t.is_alive(), result
     finally:
         for p in workers:
@@ -269,9 +306,9 @@ def test_stop_drains_in_flight_request(ctx):
     p = ctx.wait_state("inactive", 60)
     ctx.timings["stop"] = time.monotonic() - t0
     assert p["Result"] == "success", p
+    assert ctx.show("ExecMainStatus")["ExecMainStatus"] == "0"
     j = sb.journal(UNIT)
-    assert "drained; stopping workers" in j, j[-3000:]
-    assert not re.search(r"SIGKILL|Killing process", j), j[-3000:]
+    assert not re.search(r"SIGKILL|Killing process", j), j[-3000:]      # systemd had nothing left to kill
     for hp in host_workers:
         assert not os.path.exists(f"/proc/{hp}"), f"worker {hp} survived the stop"
     assert not os.path.exists(ctx.sock)
@@ -292,14 +329,15 @@ def test_watchdog_restarts_hung_daemon(ctx):
         return q if (int(q["NRestarts"]) > restarts and q["MainPID"] not in ("0", str(pid))
                      and q["ActiveState"] == "active" and q["SubState"] == "running") else None
     try:
-        q = sb.wait_for(restarted, WATCHDOG_SEC + 60, interval=0.25, what="a watchdog restart")
+        sb.wait_for(restarted, WATCHDOG_SEC + 60, interval=0.25, what="a watchdog restart")
     except sbx.SandboxError as e:
         raise AssertionError(f"{e}\n{sb.journal(UNIT)[-4000:]}") from None
     ctx.timings["watchdog_restart"] = time.monotonic() - t0
     j = sb.journal(UNIT)
     assert re.search(r"Watchdog timeout", j), j[-3000:]
-    # PYTHONFAULTHANDLER=1: the SIGABRT put the hung main thread's stack in the journal
-    assert "Fatal Python error: Aborted" in j and "in loop" in j, j[-3000:]
+    # PYTHONFAULTHANDLER=1: the SIGABRT put the hung main thread's stack, frames in packratd, in the journal
+    assert "Fatal Python error: Aborted" in j, j[-3000:]
+    assert re.search(r'File ".*/packratd/\w+\.py", line \d+ in \w+', j), j[-3000:]
     assert ctx.timings["watchdog_restart"] >= WATCHDOG_SEC * 0.9
     ctx.check_infer()
     for hp in old_workers:

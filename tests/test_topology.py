@@ -21,6 +21,8 @@ ALL = set(range(1024))
 
 from tests.fixtures import make_sysfs  # noqa: E402  (the fixture generator, for variants)
 
+pytestmark = pytest.mark.fast
+
 
 def topo(name, allowed=ALL):
     return read_topology(os.path.join(FIX, name), allowed=allowed, cpuinfo_path=os.path.join(CPUINFO, name))
@@ -282,6 +284,7 @@ def test_to_dict_is_json_and_fingerprint_stable():
     assert d["n_cores"] == 32 and d["smt"] == 2 and d["nodes"] == [0, 1]
     assert d["allowed_cpus"] == "0-63"
     assert a.fingerprint() == b.fingerprint() == d["fingerprint"]
+    assert d["shape"] == [[[2] * 16], [[2] * 16]] and d["shape_fingerprint"] == a.shape_fingerprint()
     assert a.fingerprint() != topo("snc2").fingerprint()
     assert a.fingerprint() != topo("xeon2s", allowed=set(range(63))).fingerprint()
     # the cpu model is part of the key
@@ -290,6 +293,101 @@ def test_to_dict_is_json_and_fingerprint_stable():
     # warnings are not
     e = Topology(cores=a.cores, allowed_cpus=a.allowed_cpus, cpu_model=a.cpu_model, warnings=("x",))
     assert e.fingerprint() == a.fingerprint()
+
+
+# ---------------------------------------------------------------- shape (the profile cache key)
+
+
+def _pairs(first_threads, offset=32):
+    """xeon2s cpus of these cores, both SMT threads (cpu i and i+32 are siblings)."""
+    return set(first_threads) | {c + offset for c in first_threads}
+
+
+def test_shape_fingerprint_ignores_which_cpus():
+    """Four SMT-2 cores of one node: wherever they are on the host, the same shape and key."""
+    sets = [_pairs(range(0, 4)), _pairs(range(4, 8)), _pairs(range(16, 20)), _pairs([1, 5, 9, 14])]
+    tops = [topo("xeon2s", allowed=a) for a in sets]
+    assert {t.shape_fingerprint() for t in tops} == {tops[0].shape_fingerprint()}
+    assert all(t.shape() == [[[2, 2, 2, 2]]] for t in tops)
+    assert len({t.fingerprint() for t in tops}) == len(tops)      # the exact-id key still tells them apart
+    assert tops[0].cpu_flags == tops[2].cpu_flags and "avx512f" in tops[0].cpu_flags
+
+
+def test_shape_fingerprint_sees_smt_numa_and_size():
+    base = topo("xeon2s", allowed=_pairs(range(0, 4)))
+    differ = {
+        "no SMT sibling": topo("xeon2s", allowed=set(range(0, 4))),
+        "one sibling missing": topo("xeon2s", allowed=_pairs(range(0, 4)) - {35}),
+        "two nodes of two cores": topo("xeon2s", allowed=_pairs([0, 1, 16, 17])),
+        "five cores": topo("xeon2s", allowed=_pairs(range(0, 5))),
+    }
+    for why, t in differ.items():
+        assert t.shape_fingerprint() != base.shape_fingerprint(), why
+    # eight cores on two nodes: one socket with two nodes (SNC) is not two sockets with one node each
+    one_socket = topo("snc2x2", allowed=set(range(0, 8)))
+    two_sockets = topo("snc2x2", allowed=set(range(0, 4)) | set(range(8, 12)))
+    assert one_socket.shape() == [[[1, 1, 1, 1], [1, 1, 1, 1]]]
+    assert two_sockets.shape() == [[[1, 1, 1, 1]], [[1, 1, 1, 1]]]
+    assert one_socket.shape_fingerprint() != two_sockets.shape_fingerprint()
+    # node ids do not matter, the uneven split does: 3+1 cores == 1+3 cores != 2+2 cores
+    a, b, c = (topo("snc2", allowed=x) for x in ({0, 1, 2, 4}, {0, 4, 5, 6}, {0, 1, 4, 5}))
+    assert a.shape() == b.shape() == [[[1], [1, 1, 1]]]
+    assert a.shape_fingerprint() == b.shape_fingerprint() != c.shape_fingerprint()
+
+
+def test_shape_fingerprint_sees_cpu_model_and_flags(tmp_path):
+    import dataclasses
+    base = topo("snc2x2", allowed=set(range(0, 8)))
+    same_shape = topo("snc2")                    # one socket, two nodes of four cores, another CPU model
+    assert same_shape.shape() == base.shape()
+    assert same_shape.shape_fingerprint() != base.shape_fingerprint()
+    assert dataclasses.replace(same_shape, cpu_model=base.cpu_model).shape_fingerprint() == base.shape_fingerprint()
+    # the flags: one more ISA extension is another machine type; their order and repeats are not
+    info = tmp_path / "cpuinfo"
+    sysfs = os.path.join(FIX, "snc2x2")
+    for flags, same in (("fpu vme de pse", True), ("pse de vme fpu fpu", True), ("fpu vme de pse avx512f", False),
+                        ("fpu vme de", False)):
+        info.write_text(make_sysfs.cpuinfo_text("Intel(R) Xeon(R) Platinum 8480+", flags))
+        t = read_topology(sysfs, allowed=set(range(0, 8)), cpuinfo_path=str(info))
+        assert (t.shape_fingerprint() == base.shape_fingerprint()) is same, flags
+
+
+def test_read_cpu_flags_variants(tmp_path):
+    from packratd.topology import read_cpu_flags
+    p = tmp_path / "ci"
+    p.write_text("processor\t: 0\nflags\t\t: sse avx avx2\n\nprocessor\t: 1\nflags\t\t: avx2 sse avx hypervisor\n")
+    assert read_cpu_flags(str(p)) == ("avx", "avx2", "sse")        # what every processor has
+    p.write_text("processor\t: 0\nFeatures\t: fp asimd evtstrm aes\nCPU implementer\t: 0x41\n")
+    assert read_cpu_flags(str(p)) == ("aes", "asimd", "evtstrm", "fp")
+    p.write_text("processor : 0\ncpu : POWER9 (raw), altivec supported\n")
+    assert read_cpu_flags(str(p)) == ()
+    assert read_cpu_flags(str(tmp_path / "missing")) == ()
+    assert topo("nonode").cpu_flags == tuple(sorted(make_sysfs.ZEN2_FLAGS.split()))
+    assert "avx512f" not in topo("nonode").cpu_flags
+
+
+def _relabelled(t: Topology, perm_cpu, perm_node, perm_socket) -> Topology:
+    cores = tuple(Core(socket=perm_socket[c.socket], node=perm_node[c.node], core_id=c.core_id + 100,
+                       cpus=tuple(sorted(perm_cpu[x] for x in c.cpus))) for c in t.cores)
+    return Topology(cores=cores, allowed_cpus=frozenset(perm_cpu[x] for x in t.allowed_cpus),
+                    cpu_model=t.cpu_model, cpu_flags=t.cpu_flags)
+
+
+@given(st.sampled_from(["xeon2s", "snc2x2", "offline", "nonode", "snc2"]), st.randoms(use_true_random=False),
+       st.sets(st.integers(0, 63), min_size=1))
+def test_shape_fingerprint_is_invariant_under_renaming(name, rnd, allowed):
+    full = topo(name)
+    mask = allowed & full.allowed_cpus or set(full.allowed_cpus)
+    t = topo(name, allowed=mask)
+    cpus = sorted(full.allowed_cpus)
+    perm_cpu = dict(zip(cpus, rnd.sample(range(1000), len(cpus))))
+    nodes, sockets = list(full.nodes), list(full.sockets)
+    perm_node = dict(zip(nodes, rnd.sample(range(50), len(nodes))))
+    perm_socket = dict(zip(sockets, rnd.sample(range(50), len(sockets))))
+    r = _relabelled(t, perm_cpu, perm_node, perm_socket)
+    assert r.shape() == t.shape() and r.shape_fingerprint() == t.shape_fingerprint()
+    assert sum(len(n) for s in t.shape() for n in s) == t.n_cores
+    assert sum(x for s in t.shape() for n in s for x in n) == t.n_cpus
 
 
 def test_describe_mentions_nodes_and_warnings():
@@ -326,6 +424,8 @@ def test_fixture_generator_is_reproducible(tmp_path):
                 p = os.path.join(d, f)
                 have[os.path.relpath(p, committed)] = open(p).read()
         assert have == want, name
+        with open(os.path.join(CPUINFO, name)) as f:
+            assert f.read() == make_sysfs.cpuinfo_text(spec.model, spec.flags), name
 
 
 # ---------------------------------------------------------------- the real host
