@@ -54,7 +54,7 @@ class Commands:
             "failed_reason": d.failed_reason, "health": d.health(),
             "model": d.cfg["model.path"], "model_digest": d.digest, "listen": d.cfg.listen,
             "topology": d.topology.to_dict() if d.topology else None,
-            "plan": a.plan_text if a else None, "runtime": a.runtime if a else None,
+            "plan": a.plan_text if a else None, "runtime": a.runtime if a else None, "runtimes": d.runtimes_info,
             "generation": ro.next_number - 1, "active_generation": a.number if a else None,
             "generations": [g.timeline() for g in ro.gens.values() if g.state in (STARTING, ACTIVE, DRAINING)],
             "instances": [{"index": p.index, "threads": p.spec.threads, "batch_share": p.spec.batch, "cpus": list(p.cpus),

@@ -110,7 +110,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("workers.use_smt", bool, False, "Use SMT siblings as extra threads (default: one thread per physical core)."),
     Option("workers.runtime", str, "auto",
            "What runs the model in each worker: auto (measure the available runtimes and pick the fastest), eager, "
-           "inductor, openvino, onnxruntime.", _one_of("auto", "eager", "inductor", "openvino", "onnxruntime")),
+           "inductor, openvino, onnxruntime. A runtime that cannot take the model is skipped (status says why); "
+           "one given here that cannot falls back to eager.", _one_of("auto", "eager", "inductor", "openvino", "onnxruntime")),
+    Option("workers.runtime_specials", str, "strict",
+           "strict: a runtime is used only if NaN and Inf in the inputs come out where eager puts them (OpenVINO and "
+           "frozen inductor turn Relu(NaN) into 0); ignore: accept it anyway (faster on ReLU networks).",
+           _one_of("strict", "ignore")),
     Option("workers.allocator", str, "glibc-tuned",
            "Memory allocator for workers: glibc, glibc-tuned (no mmap churn for large tensors), jemalloc, tcmalloc.",
            _one_of("glibc", "glibc-tuned", "jemalloc", "tcmalloc")),
@@ -129,6 +134,9 @@ OPTIONS: tuple[Option, ...] = (
            _non_negative),
     Option("autotune.interference_check", bool, True,
            "Measure the candidate plans concurrently (co-location interference) and keep the measured best."),
+    Option("autotune.prepare_timeout_s", float, 1800.0,
+           "Longest one runtime may take to compile or convert the model (once per model and host; cached in "
+           "<state_dir>/runtimes); past it that runtime is skipped.", _positive),
     Option("autotune.solver_timeout_s", float, 30.0,
            "Longest a plan computation (solver, monitor scoring) may take in the planner process before it is stopped "
            "and reported as an error; the main loop never waits on it.", _positive),

@@ -103,6 +103,9 @@ class Daemon:
         self.autotune_info: dict = {}
         self.model_path = ""                   # the content-addressed copy workers load
         self.digest = ""
+        self.runtime = "eager"                 # what runs the model in new generations, and its artifact
+        self.artifact = ""
+        self.runtimes_info: dict = {}          # per runtime: available, reason, prepare/build time, timings
         self.failed_reason: str | None = None
         self.failed_instances: collections.deque = collections.deque(maxlen=50)
         self.stopping = False
@@ -227,15 +230,19 @@ class Daemon:
     def begin(self) -> None:
         if self.cfg["workers.plan"]:
             plan = Plan.parse(self.cfg["workers.plan"])
-            self.load_profile_quietly()
-            self.start_generation(plan, "workers.plan from the config")
+            if self.cfg["workers.runtime"] == "eager":
+                self.load_profile_quietly()
+                self.start_generation(plan, "workers.plan from the config")
+            else:                                  # the runtime is still to be prepared (and chosen, with auto)
+                self.start_tuner("startup: workers.plan from the config; choosing the runtime", fixed_plan=plan)
         else:
             self.start_tuner("startup: no plan configured")
 
     def load_profile_quietly(self) -> None:
         """With a configured plan, use a cached profile (if any) for the per-batch split; never profile."""
         try:
-            key, ident = profiler.cache_key(self.cfg, self.topology, self.model_path)
+            key, ident = profiler.cache_key(self.cfg, self.topology, self.model_path, self.runtime,
+                                            self.runtimes_info.get(self.runtime, {}).get("key", ""))
             rec = profiler.load_cached(self.cfg, key, ident)
         except (OSError, ValueError):
             rec = None
@@ -244,9 +251,10 @@ class Daemon:
             log.info("using cached profile %s for per-batch splits", key)
 
     # ---- autotuning ----------------------------------------------------------------------
-    def start_tuner(self, reason: str, refresh: bool = False, batch_size: int | None = None) -> None:
+    def start_tuner(self, reason: str, refresh: bool = False, batch_size: int | None = None,
+                    fixed_plan: Plan | None = None) -> None:
         self.tuner = profiler.Tuner(self.cfg, self.planner.topo(), self.ctx, self.cfg["server.runtime_dir"], reason,
-                                    refresh, batch_size, self.model_path, self.digest)
+                                    refresh, batch_size, self.model_path, self.digest, fixed_plan)
         log.info("autotune: %s", reason)
         notify.notify("STATUS=profiling the model")
         self.tuner.start()
@@ -263,15 +271,22 @@ class Daemon:
             log.error("autotune failed (%s); keeping what serves", t.error)
             return
         r = t.result
-        self.planner.set_profile(r.profile, r.table)
-        self.autotune_info = {"batch_size": r.batch_size, "candidates": r.candidates, "predicted_ms": r.predicted_ms,
-                              "measured_ms": r.measured_ms, "profile_wall_s": r.profile.get("wall_s")}
-        log.info("autotune chose %s for batch %d: predicted %.1f ms%s", r.plan, r.batch_size, r.predicted_ms,
-                 f", measured {r.measured_ms:.1f} ms" if r.measured_ms is not None else "")
+        if r.runtime is not None:
+            self.runtime, self.artifact = r.runtime.name, r.runtime.artifact
+            self.runtimes_info = {n: dict(i, key=r.runtime.key if n == r.runtime.name else i.get("key", ""))
+                                  for n, i in r.runtime.info.items()}
+        if r.table is not None:
+            self.planner.set_profile(r.profile, r.table)
+            self.autotune_info = {"batch_size": r.batch_size, "candidates": r.candidates, "predicted_ms": r.predicted_ms,
+                                  "measured_ms": r.measured_ms, "profile_wall_s": r.profile.get("wall_s")}
+            log.info("autotune chose %s on %s for batch %d: predicted %.1f ms%s", r.plan, self.runtime, r.batch_size,
+                     r.predicted_ms, f", measured {r.measured_ms:.1f} ms" if r.measured_ms is not None else "")
+        else:
+            self.load_profile_quietly()
         if self.stopping:
             return
         a = self.rollout.active
-        if a is not None and a.plan.same_instances(r.plan) and a.digest == self.digest:
+        if a is not None and a.plan.same_instances(r.plan) and a.digest == self.digest and a.runtime == self.runtime:
             self.rollout.note(t.reason, result="plan unchanged")
             if self.dispatcher is not None:
                 self.dispatcher.splitter = self.planner.splitter()     # the new profile splits better
@@ -286,6 +301,7 @@ class Daemon:
             predicted = self.planner.predict(plan, plan.total_batch)
         try:
             return self.rollout.start(plan, self.planner.topo(), self.model_path, self.digest, reason, now,
+                                      runtime=self.runtime, artifact=self.artifact,
                                       predicted_ms=predicted, measured_ms=measured,
                                       warmup_sizes=self.planner.warmup_sizes(plan, observed))
         except PlacementError as e:
@@ -413,6 +429,9 @@ class Daemon:
             if req.get("refresh_profile") or (self.planner.table is None and not self.cfg["workers.plan"] and req.get("reload")):
                 return self.start_tuner(reason, refresh=bool(req.get("refresh_profile")), batch_size=req.get("batch_size"))
             if self.cfg["workers.plan"] and not req.get("batch_size") and not req.get("shape_plan"):
+                if req.get("reload") and req.get("force") and self.cfg["workers.runtime"] != "eager":
+                    # a new model (or runtime setting): its runtime artifact must be prepared first, off the loop
+                    return self.start_tuner(reason, fixed_plan=Plan.parse(self.cfg["workers.plan"]))
                 return self._reconfigure_to(Plan.parse(self.cfg["workers.plan"]), req, now)
             if req.get("shape_plan"):
                 return self._reconfigure_to(Plan(tuple(map(tuple, req["shape_plan"])), req.get("predicted_ms")), req, now)
@@ -437,7 +456,8 @@ class Daemon:
         if self.stopping:
             return
         a = self.rollout.active
-        if a is not None and a.plan.same_instances(plan) and a.digest == self.digest and not req.get("force"):
+        if (a is not None and a.plan.same_instances(plan) and a.digest == self.digest and a.runtime == self.runtime
+                and not req.get("force")):
             log.info("reconfiguration (%s): plan %s is already serving", reason, plan)
             self.rollout.note(reason, result=f"plan {plan} already serving")
             self.monitor.note_reconfigured(now)
@@ -522,7 +542,8 @@ class Daemon:
         if kept:
             log.warning("%s: %s change only on restart; keeping the running values", why, ", ".join(kept))
             new = new.replace(**{k: self.cfg[k] for k in kept})
-        model_changed = model[1] != self.digest
+        model_changed = model[1] != self.digest or any(new[k] != self.cfg[k] for k in ("workers.runtime",
+                                                                                       "workers.runtime_specials"))
         gw = oip.gateway_argv(new)
         if gw and not self.gateway.argv and not self.cfg.listen.startswith("ipc://"):
             log.warning("%s: the OIP gateway can be turned on with a tcp:// server.listen only at a restart", why)
@@ -539,8 +560,11 @@ class Daemon:
         if back:
             log.info("%s: cpus %s back in service", why, ",".join(map(str, back)))
         if model_changed:
-            log.info("%s: the model changed (digest %s... -> %s...)", why, self.digest[:12], model[1][:12])
+            log.info("%s: the model or its runtime changed (digest %s... -> %s..., runtime %s)", why, self.digest[:12],
+                     model[1][:12], new["workers.runtime"])
             self.model_path, self.digest = model
+            if new["workers.runtime"] == "eager":
+                self.runtime, self.artifact = "eager", ""
             self.planner.set_profile(None, None)
             if self.cfg["workers.plan"]:
                 self.load_profile_quietly()

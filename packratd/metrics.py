@@ -35,6 +35,10 @@ worker_busy_seconds_total{worker,...}        counter    time each worker spent c
 worker_tasks_total{worker,...}               counter    slices each worker completed
 workers{state}                               gauge      workers by state (booting, ready, stopping)
 plan_info{plan,generation}                   gauge      1 for the active plan
+runtime_info{runtime}                        gauge      1 for the runtime the active generation uses
+runtime_available{runtime}                   gauge      1 / 0: could the runtime take the model
+runtime_build_seconds{runtime}               gauge      compile/convert time of its cached artifact
+runtime_latency_seconds{runtime,batch}       gauge      measured latency when the runtimes were compared
 generation / active_generation               gauge      newest generation number / the serving one
 reconfigurations_total                       counter    generations that replaced a serving one
 reconfiguration_duration_seconds             histogram  start of the new generation to its first batch
@@ -52,7 +56,6 @@ from __future__ import annotations
 import logging
 import math
 import platform
-import re
 import socket
 import threading
 import time
@@ -77,7 +80,6 @@ RECONFIG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.
 STATES = ("starting", "profiling", "serving", "stopping")
 WORKER_STATES = ("booting", "ready", "stopping")
 
-_RESTART_RE = re.compile(r"^g(\d+)\.i(\d+)\.r(\d+)$")
 
 
 class _StatusCollector(Collector):
@@ -131,6 +133,29 @@ class _StatusCollector(Collector):
         if st.get("plan") is not None and st.get("active_generation") is not None:
             fam.add_metric([str(st["plan"]), str(st["active_generation"])], 1.0)
         yield fam
+        rts = st.get("runtimes") or {}
+        fam = GaugeMetricFamily(f"{pre}_runtime_info", "1 for the runtime the active generation runs the model on.",
+                                labels=["runtime"])
+        if st.get("runtime"):
+            fam.add_metric([str(st["runtime"])], 1.0)
+        yield fam
+        fam = GaugeMetricFamily(f"{pre}_runtime_available", "1 if the runtime could take the model (checked against "
+                                "eager), 0 if it was skipped (status says why).", labels=["runtime"])
+        for name, i in rts.items():
+            fam.add_metric([str(name)], 1.0 if i.get("available") else 0.0)
+        yield fam
+        fam = GaugeMetricFamily(f"{pre}_runtime_build_seconds", "Compile/convert time of the runtime's cached artifact.",
+                                labels=["runtime"])
+        for name, i in rts.items():
+            if i.get("build_s") is not None:
+                fam.add_metric([str(name)], _num(i["build_s"], 0))
+        yield fam
+        fam = GaugeMetricFamily(f"{pre}_runtime_latency_seconds", "The runtime's measured batch latency when runtimes "
+                                "were compared (one instance, every core of a node).", labels=["runtime", "batch"])
+        for name, i in rts.items():
+            for b, ms in (i.get("ms") or {}).items():
+                fam.add_metric([str(name), str(b)], _num(ms, 0) / 1000.0)
+        yield fam
         fam = GaugeMetricFamily(f"{pre}_instances", "Instances in the active plan.")
         fam.add_metric([], len(st.get("instances") or []))
         yield fam
@@ -175,7 +200,7 @@ class _StatusCollector(Collector):
             fam.add_metric([], _num(st.get(key), 0))
             yield fam
         fam = CounterMetricFamily(f"{pre}_worker_restarts", "Replacement workers started for instances whose worker died.")
-        fam.add_metric([], float(self.m._restarts_total()))
+        fam.add_metric([], _num(st.get("worker_restarts"), 0))
         yield fam
         if st.get("uptime_s") is not None:
             fam = GaugeMetricFamily(f"{pre}_uptime_seconds", "Seconds since the daemon started.")
@@ -205,7 +230,6 @@ class Metrics:
         r = self.registry
         self._lock = threading.Lock()
         self._status: dict | None = None
-        self._restarts: dict[tuple[int, int], int] = {}   # (generation, instance) -> highest restart number seen
         self._server = None
         self._thread = None
         self.port: int | None = None
@@ -266,17 +290,6 @@ class Metrics:
         with self._lock:
             self._status = status
             self._updated_at = time.monotonic()
-            for w in status.get("workers") or ():
-                r = w.get("restarts")
-                if r is not None:
-                    key = (w.get("generation"), w.get("index"))
-                else:
-                    m = _RESTART_RE.match(str(w.get("name", "")))
-                    if not m:
-                        continue
-                    key, r = (int(m.group(1)), int(m.group(2))), int(m.group(3))
-                if r > self._restarts.get(key, 0):
-                    self._restarts[key] = r
             # Reconfigurations the daemon counted that on_reconfiguration() did not see (not wired, or
             # counted before the metrics existed): keep the counter in step with the status.
             behind = int(_num(status.get("reconfigurations"), 0)) - self._reconfig_count
@@ -301,10 +314,6 @@ class Metrics:
         if state != "serving":
             return True, False, f"not ready: {state or 'unknown'}"
         return True, True, "ready"
-
-    def _restarts_total(self) -> int:
-        with self._lock:
-            return sum(self._restarts.values())
 
     # ---- HTTP --------------------------------------------------------------------------------
     def start(self, addr: str = "127.0.0.1", port: int = 0) -> int | None:

@@ -18,6 +18,8 @@ import json
 import logging
 import os
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,6 +29,7 @@ import zmq
 
 from . import messages as M
 from . import planner
+from . import runtimes as runtimes_mod
 from . import worker as worker_mod
 from .model import example_inputs
 from .placement import InstanceSpec, PlacementError, place
@@ -77,10 +80,12 @@ def max_instance_threads(cfg, topo) -> int:
     return min(n, node_max) if n else node_max
 
 
-def cache_key(cfg, topo, model_path: str) -> tuple[str, dict]:
+def cache_key(cfg, topo, model_path: str, runtime: str = "eager", artifact_key: str = "") -> tuple[str, dict]:
     ident = {
         "format": PROFILE_FORMAT,
         "model_sha256": file_digest(model_path),
+        "runtime": runtime,
+        "artifact": artifact_key,
         "topology": topo.shape_fingerprint(),
         "cpu_model": topo.cpu_model,
         "torch": importlib.metadata.version("torch"),
@@ -183,14 +188,16 @@ class Driver:
                 if msg.kind != M.HB:
                     return ident, msg
 
-    def start(self, placements, warmup: dict | None = None) -> list[bytes]:
+    def start(self, placements, warmup: dict | None = None, runtime: str | None = None,
+              artifact: str | None = None) -> list[bytes]:
         idents = []
         for pl in placements:
             self.seq += 1
             ident = f"prof.{self.seq}".encode()
             sizes = tuple((warmup or {}).get(pl.index, (pl.spec.batch,)))
             spec = worker_mod.LaunchSpec(self.endpoint, ident.decode(), self.model_path, pl.spec.threads, tuple(pl.cpus),
-                                         sizes, self.digest, self.runtime, self.artifact)
+                                         sizes, self.digest, runtime or self.runtime,
+                                         self.artifact if artifact is None else artifact)
             try:
                 self.procs[ident] = worker_mod.spawn(self.cfg, spec)
             except worker_mod.LaunchError as e:
@@ -278,8 +285,9 @@ class Progress:
                     if self.state == "profiling" else self.message}
 
 
-def run_profile(cfg, topo, model_path: str, driver: Driver, progress: Progress) -> dict:
-    key, ident = cache_key(cfg, topo, model_path)
+def run_profile(cfg, topo, model_path: str, driver: Driver, progress: Progress, runtime: str = "eager",
+                artifact_key: str = "") -> dict:
+    key, ident = cache_key(cfg, topo, model_path, runtime, artifact_key)
     threads, batches = ident["threads"], ident["batches"]
     lat = np.full((len(threads), len(batches)), np.nan)
     p10 = np.full_like(lat, np.nan)
@@ -340,12 +348,158 @@ def check_candidates(cfg, topo, plans: list[Plan], driver: Driver, progress: Pro
 @dataclass
 class AutotuneResult:
     plan: Plan
-    predicted_ms: float
+    predicted_ms: float | None
     measured_ms: float | None
-    table: LatencyTable
-    profile: dict
+    table: LatencyTable | None
+    profile: dict | None
     batch_size: int
     candidates: list = field(default_factory=list)     # [(plan str, predicted, measured)]
+    runtime: "RuntimeChoice | None" = None
+
+
+# ---- runtimes ---------------------------------------------------------------------------------
+@dataclass
+class RuntimeChoice:
+    name: str
+    artifact: str                    # "" for eager
+    key: str                         # the artifact's cache key ("" for eager)
+    info: dict                       # per runtime: available / reason / prepare and build seconds / ms per point
+    cached: bool = False             # the choice itself came from the cache
+
+
+def runtime_cache_dir(cfg) -> str:
+    return os.path.join(cfg["server.state_dir"], "runtimes")
+
+
+def prepare_runtime(cfg, name: str, model_path: str, threads: int, cpus, cancel: threading.Event) -> dict:
+    """Build (or find in the cache) runtime ``name``'s artifact in a child process set up like a worker on
+    ``cpus`` (python -m packratd.runtimes prepare): the daemon never imports torch or a runtime itself,
+    and the converter's threads stay on the cores it was given.  Returns the child's JSON answer."""
+    if name == "eager":
+        return {"ok": True, "runtime": "eager", "artifact": None, "key": "", "seconds": 0.0, "cached": True}
+    cpus = list(cpus)
+    cmd = [sys.executable, "-m", "packratd.runtimes", "prepare", "--runtime", name, "--model", model_path,
+           "--cache-dir", runtime_cache_dir(cfg), "--threads", str(threads), "--cpus", ",".join(map(str, cpus)),
+           "--specials", cfg["workers.runtime_specials"]]
+    try:
+        env = worker_mod.worker_env(os.environ, threads, cpus, cfg["workers.allocator"], cfg["workers.pin_threads"])
+    except FileNotFoundError as e:
+        return {"ok": False, "runtime": name, "error": str(e)}
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    tmp = os.path.join(cfg["server.state_dir"], "tmp")         # compilers' scratch (inductor's headers): not /tmp
+    os.makedirs(tmp, exist_ok=True)
+    env["TMPDIR"] = tmp
+    t0 = time.monotonic()
+    try:
+        p = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, close_fds=True)
+    except OSError as e:
+        return {"ok": False, "runtime": name, "error": f"cannot start the prepare process: {e}"}
+    out = b""
+    while True:
+        try:
+            out, _ = p.communicate(timeout=0.5)
+            break
+        except subprocess.TimeoutExpired:
+            if cancel.is_set() or time.monotonic() - t0 > cfg["autotune.prepare_timeout_s"]:
+                p.kill()
+                p.communicate()
+                if cancel.is_set():
+                    raise Cancelled() from None
+                return {"ok": False, "runtime": name, "unavailable": True,
+                        "reason": f"preparing took longer than autotune.prepare_timeout_s ({cfg['autotune.prepare_timeout_s']:.0f}s)"}
+    lines = [ln for ln in out.decode(errors="replace").splitlines() if ln.strip()]
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):
+        return {"ok": False, "runtime": name, "error": f"the prepare process exited with {p.returncode} and no answer"}
+
+
+def _choice_key(cfg, topo, model_path: str, prepared: dict, threads: int, points: list[int]) -> str:
+    ident = {"format": PROFILE_FORMAT, "model_sha256": file_digest(model_path), "topology": topo.shape_fingerprint(),
+             "torch": importlib.metadata.version("torch"), "allocator": cfg["workers.allocator"],
+             "pin_threads": cfg["workers.pin_threads"], "threads": threads, "points": points,
+             "runtimes": {n: r.get("key", "") for n, r in sorted(prepared.items())}}
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def select_runtime(cfg, topo, model_path: str, batch_size: int, driver: Driver, progress: Progress,
+                   cancel: threading.Event, refresh: bool = False) -> RuntimeChoice:
+    """The runtime the workers will use: ``workers.runtime``, or with ``auto`` the fastest by measurement.
+
+    Every available runtime is prepared (built once, cached, checked against eager: packratd.runtimes);
+    one that cannot take the model is skipped with one log line and its reason in the status.  With
+    several left, each is timed in a real worker (one process per runtime, the instance's threads and
+    cores) at batch 1 and at the batch size being planned for, in two passes in opposite order; the
+    winner has the lowest mean latency relative to the best at each point.  The choice is cached."""
+    wanted = cfg["workers.runtime"]
+    names = list(runtimes_mod.NAMES) if wanted == "auto" else [wanted]
+    T = max_instance_threads(cfg, topo)
+    (pl,) = place([InstanceSpec(T, 1)], topo, use_smt=cfg["workers.use_smt"])
+    info: dict[str, dict] = {}
+    prepared: dict[str, dict] = {}
+    for name in names:
+        reason = runtimes_mod.unavailable_reason(name)
+        if reason is None:
+            with progress.lock:
+                progress.state, progress.message = "runtimes", f"preparing runtime {name}"
+            r = prepare_runtime(cfg, name, model_path, T, pl.cpus, cancel)
+            if r.get("ok"):
+                prepared[name] = r
+                info[name] = {"available": True, "prepare_s": round(r.get("seconds") or 0.0, 3), "cached": r.get("cached"),
+                              "build_s": r.get("build_seconds"), "note": r.get("note")}
+                continue
+            reason = r.get("reason") or r.get("error") or "unknown"
+        info[name] = {"available": False, "reason": reason}
+        log.warning("runtime %s skipped: %s", name, reason)
+    if wanted != "auto" and wanted not in prepared:
+        log.error("workers.runtime = %s cannot serve this model (%s); serving on eager", wanted, info[wanted]["reason"])
+        prepared["eager"] = prepare_runtime(cfg, "eager", model_path, T, pl.cpus, cancel)
+        info["eager"] = {"available": True, "fallback": True}
+    if not prepared:
+        raise ProfileError("no runtime can serve this model: " + "; ".join(f"{n}: {i['reason']}" for n, i in info.items()))
+    points = sorted({1, max(1, int(batch_size))})
+    ck = os.path.join(profile_dir(cfg), f"runtime-{_choice_key(cfg, topo, model_path, prepared, T, points)}.json")
+    cached = None
+    if not refresh and len(prepared) > 1:
+        try:
+            with open(ck) as f:
+                cached = json.load(f)
+            if cached.get("runtime") not in prepared:
+                cached = None
+        except (OSError, ValueError):
+            cached = None
+    if cached is not None:
+        best = cached["runtime"]
+        for n, ms in cached.get("ms", {}).items():
+            if n in info:
+                info[n]["ms"] = ms
+    elif len(prepared) == 1:
+        best = next(iter(prepared))
+    else:
+        ms = {n: {b: [] for b in points} for n in prepared}
+        order = list(prepared)
+        for k, pass_order in enumerate((order, order[::-1])):
+            for n in pass_order:
+                with progress.lock:
+                    progress.state, progress.message = "runtimes", f"timing runtime {n} (pass {k + 1} of 2)"
+                (ident_w,) = driver.start([pl], {0: tuple(points)}, runtime=n, artifact=prepared[n].get("artifact") or "")
+                for b in points:
+                    driver.run([(ident_w, b)])
+                    ms[n][b].append(measure(lambda: driver.run([(ident_w, b)])[ident_w], cfg)[0])
+                driver.stop()
+        med = {n: {b: float(np.mean(v)) for b, v in d.items()} for n, d in ms.items()}
+        score = {n: float(np.mean([med[n][b] / min(med[m][b] for m in med) for b in points])) for n in med}
+        best = min(score, key=lambda n: (score[n], n != "eager"))
+        for n in med:
+            info[n]["ms"] = {str(b): round(v, 3) for b, v in med[n].items()}
+            info[n]["score"] = round(score[n], 4)
+        write_atomic(ck, json.dumps({"runtime": best, "ms": {n: info[n]["ms"] for n in med}, "created": time.time()}).encode())
+    info[best]["chosen"] = True
+    r = prepared[best]
+    log.info("runtime %s chosen%s: %s", best, " (cached choice)" if cached else "",
+             ", ".join(f"{n} {i.get('ms') or i.get('reason')}" for n, i in info.items()))
+    return RuntimeChoice(best, r.get("artifact") or "", r.get("key") or "", info, cached is not None)
 
 
 def choose(cfg, topo, table: LatencyTable, batch_size: int, driver: Driver | None, progress: Progress) -> tuple:
@@ -361,16 +515,24 @@ def choose(cfg, topo, table: LatencyTable, batch_size: int, driver: Driver | Non
 
 def autotune(cfg, topo, ctx, runtime_dir: str, progress: Progress, cancel: threading.Event,
              refresh: bool = False, batch_size: int | None = None, model_path: str | None = None,
-             digest: str = "") -> AutotuneResult:
+             digest: str = "", fixed_plan: Plan | None = None) -> AutotuneResult:
+    """Choose the runtime, then (without ``fixed_plan``) profile L[t][b] on it and choose the plan."""
     model_path = model_path or cfg["model.path"]
-    key, ident = cache_key(cfg, topo, model_path)
-    rec = None if refresh else load_cached(cfg, key, ident)
+    B = batch_size or cfg["autotune.batch_size"] or cfg["server.max_batch_size"]
     driver = Driver(ctx, cfg, "ipc://" + os.path.join(runtime_dir, "profiler.sock"), model_path, cancel, digest)
     try:
+        rc = select_runtime(cfg, topo, model_path, B, driver, progress, cancel, refresh)
+        driver.runtime, driver.artifact = rc.name, rc.artifact
+        if fixed_plan is not None:
+            with progress.lock:
+                progress.state, progress.message = "done", f"runtime {rc.name}"
+            return AutotuneResult(fixed_plan, None, None, None, None, B, [], rc)
+        key, ident = cache_key(cfg, topo, model_path, rc.name, rc.key)
+        rec = None if refresh else load_cached(cfg, key, ident)
         if rec is None:
-            log.info("profiling %s: no cached profile for this model, host and torch (key %s)",
-                     os.path.basename(cfg["model.path"]), key)
-            rec = run_profile(cfg, topo, model_path, driver, progress)
+            log.info("profiling %s on %s: no cached profile for this model, host and torch (key %s)",
+                     os.path.basename(cfg["model.path"]), rc.name, key)
+            rec = run_profile(cfg, topo, model_path, driver, progress, rc.name, rc.key)
             write_atomic(os.path.join(profile_dir(cfg), f"{key}.json"), json.dumps(rec).encode())
             log.info("profile done in %.0fs, cached as %s", rec["wall_s"], key)
         else:
@@ -378,13 +540,12 @@ def autotune(cfg, topo, ctx, runtime_dir: str, progress: Progress, cancel: threa
                 progress.state, progress.message = "cached", f"cached profile {key}"
             log.info("using cached profile %s (%.0fs old)", key, time.time() - rec["created"])
         table = table_of(rec)
-        B = batch_size or cfg["autotune.batch_size"] or cfg["server.max_batch_size"]
         plan, measured, cands = choose(cfg, topo, table, B, driver, progress)
     finally:
         driver.close()
     with progress.lock:
-        progress.state, progress.message = "done", f"plan {plan}"
-    return AutotuneResult(plan, plan.latency_ms, measured, table, rec, B, cands)
+        progress.state, progress.message = "done", f"plan {plan} on {rc.name}"
+    return AutotuneResult(plan, plan.latency_ms, measured, table, rec, B, cands, rc)
 
 
 class Tuner(threading.Thread):
@@ -392,13 +553,15 @@ class Tuner(threading.Thread):
     ended, ``result`` or ``error``.  Cancel with ``cancel.set()``."""
 
     def __init__(self, cfg, topo, ctx, runtime_dir: str, reason: str, refresh: bool = False,
-                 batch_size: int | None = None, model_path: str | None = None, digest: str = ""):
+                 batch_size: int | None = None, model_path: str | None = None, digest: str = "",
+                 fixed_plan: Plan | None = None):
         super().__init__(name="packratd-autotune", daemon=True)
         self.cfg, self.topo, self.ctx, self.runtime_dir = cfg, topo, ctx, runtime_dir
         self.reason = reason
         self.refresh = refresh
         self.batch_size = batch_size
         self.model_path, self.digest = model_path, digest
+        self.fixed_plan = fixed_plan
         self.progress = Progress()
         self.cancel = threading.Event()
         self.result: AutotuneResult | None = None
@@ -408,7 +571,7 @@ class Tuner(threading.Thread):
         try:
             self.result = autotune(self.cfg, self.topo, self.ctx, self.runtime_dir, self.progress, self.cancel,
                                    refresh=self.refresh, batch_size=self.batch_size, model_path=self.model_path,
-                                   digest=self.digest)
+                                   digest=self.digest, fixed_plan=self.fixed_plan)
         except Cancelled:
             self.error = "cancelled"
         except Exception as e:  # noqa: BLE001 - reported by the main loop

@@ -205,19 +205,21 @@ def check_outputs(outputs: list, rows: int) -> list[dict]:
 
 
 def boot(args) -> tuple:
-    """Load and warm up the model as the generation asked; returns (runner, READY info)."""
-    import torch
-    from . import model as model_mod, store
+    """Load and warm up the model on the generation's runtime; returns (runner, READY info)."""
+    from . import model as model_mod, runtimes, store
     t0 = time.monotonic()
-    torch.set_num_threads(args.threads)
-    torch.set_num_interop_threads(1)
     if args.model_digest:
         got = store.file_digest(args.model)
         if got != args.model_digest:
             raise BootError(f"model file {args.model} has digest {got[:16]}..., the generation serves "
                             f"{args.model_digest[:16]}...: refusing to serve another model")
-    module, spec = model_mod.load(args.model)
-    runner = lambda arrays: model_mod.run(module, arrays)  # noqa: E731
+    cpus = [int(c) for c in args.cpus.split(",")]
+    try:
+        sess = runtimes.load(args.runtime, args.model, args.artifact or None, args.threads, cpus, pin=bool(args.pin_threads))
+    except runtimes.RuntimeUnavailable as e:
+        raise BootError(f"runtime {args.runtime}: {e.reason}") from None
+    spec, runner = sess.input_spec, sess.run
+    t_load = time.monotonic() - t0
     out_spec = None
     # Warm up at the sizes this instance will see (its shares of the plan); a batch of 2 or more
     # also shows whether every output really is batched on dim 0.
@@ -230,9 +232,9 @@ def boot(args) -> tuple:
                 out_spec = this
             elif this != out_spec:
                 raise BootError(f"model outputs change with the batch size: {out_spec} at one size, {this} at {b} rows")
-    info = {"pid": os.getpid(), "spec": spec, "outputs": out_spec, "boot_s": time.monotonic() - t0,
-            "threads": torch.get_num_threads(), "cpus": sorted(os.sched_getaffinity(0)), "runtime": args.runtime,
-            "digest": args.model_digest, "warmup_sizes": sizes}
+    info = {"pid": os.getpid(), "spec": spec, "outputs": out_spec, "boot_s": time.monotonic() - t0, "load_s": t_load,
+            "threads": args.threads, "cpus": cpus, "runtime": sess.runtime, "digest": args.model_digest,
+            "warmup_sizes": sizes}
     return runner, info
 
 

@@ -70,9 +70,11 @@ def _no_daemon_outlives_the_session():
 class DaemonProc:
     """A real packratd process; stop() checks it leaves no worker behind."""
 
-    def __init__(self, tmp_path, model, plan=None, extra=(), config=None, env=None, prefix=()):
+    def __init__(self, tmp_path, model, plan=None, extra=(), config=None, env=None, prefix=(), runtime="eager"):
         """``prefix``: a command the daemon runs under, e.g. ["ip", "netns", "exec", NS, "taskset", "-c", "0"]
-        (each part must exec the next, so proc.pid stays the daemon's)."""
+        (each part must exec the next, so proc.pid stays the daemon's).  ``runtime``: workers.runtime; eager
+        unless a test is about runtimes (the default, auto, compiles the model for every runtime on a fresh
+        state dir: tests/test_runtime_serving.py does that once)."""
         tmp_path.mkdir(parents=True, exist_ok=True)
         self.dir = tmp_path
         self.runtime_dir = str(tmp_path / "run")
@@ -81,7 +83,7 @@ class DaemonProc:
         self.log_path = tmp_path / "daemon.log"
         cmd = [sys.executable, "-m", "packratd.daemon", "--model", model,
                "--runtime-dir", self.runtime_dir, "--state-dir", self.state_dir,
-               "--set", "workers.warmup_batches=1"]
+               "--set", "workers.warmup_batches=1"] + (["--set", f"workers.runtime={runtime}"] if runtime else [])
         if plan:
             cmd += ["--plan", plan]
         if config:

@@ -48,7 +48,11 @@ def status(plan="2x1:4", gen=1, workers=None, **kw) -> dict:
             {"name": f"g{gen}.i1.r2", "generation": gen, "index": 1, "state": "ready", "pid": 11, "threads": 1,
              "cpus": [1], "share": 4, "torch_threads": 1, "busy_s": 0.5, "tasks": 4}],
         "queue_rows": 7, "inflight_batches": 1, "requests": 3, "rows": 9, "batches": 2, "errors": {},
-        "request_rate": 1.0, "worker_deaths": 2, "slices_resent": 1, "latency_ms": {}, "spec": None,
+        "request_rate": 1.0, "worker_deaths": 2, "worker_restarts": 2, "slices_resent": 1, "latency_ms": {}, "spec": None,
+        "runtime": "onnxruntime", "runtimes": {
+            "eager": {"available": True, "ms": {"1": 2.0, "32": 40.0}},
+            "onnxruntime": {"available": True, "chosen": True, "build_s": 3.5, "ms": {"1": 1.0, "32": 30.0}},
+            "openvino": {"available": False, "reason": "refused: NaN"}},
         "max_batch_size": 32, "batch_histogram": {}, "monitor": None, "reconfigurations": 0,
         "reconfig_coalesced": 0, "reconfig_pending": False, "last_reconfiguration": None, "history": [],
     }
@@ -121,7 +125,12 @@ def test_status_gauges_follow_the_snapshot(metrics):
     assert val(s1, "packratd_plan_measured_latency_seconds") == pytest.approx(0.003)
     assert val(s1, "packratd_worker_deaths_total") == 2
     assert val(s1, "packratd_slices_resent_total") == 1
-    assert val(s1, "packratd_worker_restarts_total") == 2          # g1.i1.r2: instance 1 replaced twice
+    assert val(s1, "packratd_worker_restarts_total") == 2          # the supervisor's count (instance 1 replaced twice)
+    assert val(s1, "packratd_runtime_info", runtime="onnxruntime") == 1
+    assert val(s1, "packratd_runtime_available", runtime="openvino") == 0
+    assert val(s1, "packratd_runtime_available", runtime="eager") == 1
+    assert val(s1, "packratd_runtime_build_seconds", runtime="onnxruntime") == 3.5
+    assert val(s1, "packratd_runtime_latency_seconds", runtime="eager", batch="32") == pytest.approx(0.04)
     assert val(s1, "packratd_state", state="serving") == 1
     assert val(s1, "packratd_state", state="starting") == 0
     assert val(s1, "packratd_workers", state="ready") == 2
@@ -131,14 +140,14 @@ def test_status_gauges_follow_the_snapshot(metrics):
     # A reconfiguration: generation 2 with another plan.  The old plan and workers disappear.
     w2 = [{"name": "g2.i0.r0", "generation": 2, "index": 0, "state": "ready", "threads": 2, "busy_s": 0.75, "tasks": 3}]
     metrics.update(status(plan="1x2:8", gen=2, workers=w2, queue_rows=0, inflight_batches=0, reconfigurations=1,
-                          measured_ms=None, profile={"state": "ready", "age_s": 50.0}))
+                          measured_ms=None, profile={"state": "ready", "age_s": 50.0}, worker_restarts=2))
     s2 = scrape(metrics.port)
     assert series(s2, "packratd_plan_info") == [{"plan": "1x2:8", "generation": "2"}]
     assert val(s2, "packratd_generation") == 2
     assert val(s2, "packratd_queue_rows") == 0
     assert val(s2, "packratd_plan_measured_latency_seconds") is None   # not measured: absent, not a stale value
     assert [w["worker"] for w in series(s2, "packratd_worker_busy_seconds_total")] == ["g2.i0.r0"]
-    assert val(s2, "packratd_worker_restarts_total") == 2              # monotonic: the old slot's restarts stay counted
+    assert val(s2, "packratd_worker_restarts_total") == 2              # the old slot's restarts stay counted
     assert val(s2, "packratd_reconfigurations_total") == 1             # caught up from status
     assert val(s2, "packratd_profile_age_seconds") == 50
 

@@ -53,6 +53,7 @@ path = "{model}"
 
 [workers]
 plan = "2x1:4"
+runtime = "eager"
 warmup_batches = 1
 heartbeat_interval_s = {HB_INTERVAL}
 heartbeat_liveness = {HB_LIVENESS}
