@@ -36,7 +36,7 @@ class Commands:
             workers.append({"name": w.name, "generation": w.generation, "index": w.index, "state": w.state,
                             "pid": w.proc.pid, "threads": w.threads, "cpus": list(w.cpus), "share": w.share,
                             "torch_threads": w.info.get("threads"), "runtime": w.info.get("runtime"),
-                            "boot_s": w.info.get("boot_s"), "busy_s": round(w.busy_s, 3),
+                            "boot_s": w.info.get("boot_s"), "forked": w.info.get("forked"), "busy_s": round(w.busy_s, 3),
                             "compute_s": round(w.compute_s, 3), "tasks": w.tasks_done, "busy": w.task is not None,
                             "restarts": slot.restarts if slot else 0})
         a = ro.active
@@ -55,6 +55,7 @@ class Commands:
             "model": d.cfg["model.path"], "model_digest": d.digest, "listen": d.cfg.listen,
             "topology": d.topology.to_dict() if d.topology else None,
             "plan": a.plan_text if a else None, "runtime": a.runtime if a else None, "runtimes": d.runtimes_info,
+            "runtime_artifact": a.artifact if a else None,
             "generation": ro.next_number - 1, "active_generation": a.number if a else None,
             "generations": [g.timeline() for g in ro.gens.values() if g.state in (STARTING, ACTIVE, DRAINING)],
             "instances": [{"index": p.index, "threads": p.spec.threads, "batch_share": p.spec.batch, "cpus": list(p.cpus),
@@ -77,6 +78,7 @@ class Commands:
             "reconfig_pending": d.reconfig.pending is not None,
             "last_reconfiguration": history[-1] if history else None, "history": history,
             "loop_errors": dict(d.loop_errors), "planner_restarts": d.offload.restarts, "gateway": d.gateway.status(),
+            "fork_servers": [z.status() for z in d.zygotes.values()],
         }
 
     def plan(self, batch_size: int) -> Deferred:

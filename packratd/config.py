@@ -116,6 +116,10 @@ OPTIONS: tuple[Option, ...] = (
            "strict: a runtime is used only if NaN and Inf in the inputs come out where eager puts them (OpenVINO and "
            "frozen inductor turn Relu(NaN) into 0); ignore: accept it anyway (faster on ReLU networks).",
            _one_of("strict", "ignore")),
+    Option("workers.fork_server", bool, True,
+           "Start workers by forking a process that has imported torch and loaded the model once (boot in a fraction "
+           "of a second instead of seconds); false: each worker is a new interpreter. The first generation after a "
+           "start is spawned while the fork server loads."),
     Option("workers.allocator", str, "glibc-tuned",
            "Memory allocator for workers: glibc, glibc-tuned (no mmap churn for large tensors), jemalloc, tcmalloc.",
            _one_of("glibc", "glibc-tuned", "jemalloc", "tcmalloc")),

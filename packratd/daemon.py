@@ -47,6 +47,7 @@ from .rollout import Rollout
 from .sidecar import Sidecar
 from .supervisor import Supervisor
 from .topology import TopologyError, read_topology
+from .zygote import ForkServer
 
 log = logging.getLogger("packratd")
 
@@ -60,6 +61,8 @@ RESTART_ONLY = ("server.listen", "server.runtime_dir", "server.state_dir", "serv
                 "server.socket_group", "server.admin_group", "server.client_hwm", "server.curve",
                 "server.curve_keys_dir", "server.curve_clients_dir", "metrics.port", "metrics.address")
 
+BOOKKEEPING_S = 0.005       # the loop's non-serving steps run at least this often
+
 # What the daemon as a whole is doing (status["state"], the metrics' packratd_state, health).
 STARTING, PROFILING, CHECKING, SERVING, FAILED, STOPPING = "starting", "profiling", "checking", "serving", "failed", "stopping"
 STATES = (STARTING, PROFILING, CHECKING, SERVING, FAILED, STOPPING)
@@ -69,6 +72,18 @@ class StartupError(Exception):
     def __init__(self, message: str, code: int = EXIT_CONFIG):
         super().__init__(message)
         self.code = code
+
+
+def raise_fd_limit() -> None:
+    """Soft RLIMIT_NOFILE up to the hard limit: every client connection costs an fd, and libzmq's ipc
+    listener aborts the process on EMFILE (libzmq 4.3.5, ipc_listener.cpp accept) instead of refusing."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20), hard))
+        except (ValueError, OSError):
+            pass
 
 
 def make_monitor(cfg) -> Monitor:
@@ -120,7 +135,10 @@ class Daemon:
         self.last_turn = time.monotonic()
         self.auth = None                       # CURVE ZAP handler (tcp:// listen only)
         self.lock_fd = None
+        self._wake = 0.1
+        self._wake_at = 0.0                    # when the dispatcher next needs a tick (a batching delay, a deadline)
         self.gateway = Sidecar("OIP gateway", None)
+        self.zygotes: dict[tuple, ForkServer] = {}   # (digest, runtime, artifact) -> fork server
         self.poller = zmq.Poller()
 
     # ---- state ---------------------------------------------------------------------------
@@ -144,6 +162,7 @@ class Daemon:
     def setup(self) -> None:
         cfg = self.cfg
         os.umask(0o077)        # every file and socket is created private; the client socket is then opened to its group
+        raise_fd_limit()
         if not os.path.isfile(cfg["model.path"]):
             raise StartupError(f"model file {cfg['model.path']!r} does not exist")
         if self.topology is None:
@@ -191,7 +210,7 @@ class Daemon:
             security.secure_ipc(control_endpoint(rd), admin, mode=0o660 if admin else 0o600)
         except (security.SecurityError, zmq.ZMQError) as e:
             raise StartupError(str(e)) from None
-        self.supervisor = Supervisor(cfg, d, cfg.worker_endpoint)
+        self.supervisor = Supervisor(cfg, d, cfg.worker_endpoint, launcher=self.launch)
         self.rollout = Rollout(cfg, d, self.supervisor, self)
         self.planner = Planner(cfg, self.topology, self.offload)
         for s in (d.backend, *d.frontends, self.control.sock):
@@ -293,9 +312,38 @@ class Daemon:
             return
         self.start_generation(r.plan, t.reason, r.predicted_ms, r.measured_ms)
 
+    # ---- workers ---------------------------------------------------------------------------
+    def launch(self, cfg, spec: worker_mod.LaunchSpec):
+        """Start one worker: forked from the model's fork server when it is ready, else a new process."""
+        z = self.zygotes.get((spec.model_digest, spec.runtime, spec.artifact))
+        if cfg["workers.fork_server"] and z is not None:
+            argv, _ = worker_mod.command(cfg, spec)
+            p = z.fork(argv[3:])                  # the arguments after "python -m packratd.worker"
+            if p is not None:
+                return p
+        return worker_mod.spawn(cfg, spec)
+
+    def ensure_fork_server(self) -> None:
+        """A fork server for the model and runtime new generations use (started in the background)."""
+        if not self.cfg["workers.fork_server"]:
+            return
+        key = (self.digest, self.runtime, self.artifact)
+        z = self.zygotes.get(key)
+        if z is None or z.state == "stopped":
+            z = self.zygotes[key] = ForkServer(self.cfg, self.model_path, self.digest, self.runtime, self.artifact)
+            z.start()
+
+    def prune_fork_servers(self) -> None:
+        live = {(g.digest, g.runtime, g.artifact) for g in self.rollout.live()} | {(self.digest, self.runtime, self.artifact)}
+        for key in [k for k in self.zygotes if k not in live]:
+            z = self.zygotes.pop(key)
+            z.stop()
+            z.reap()
+
     # ---- generations ---------------------------------------------------------------------
     def start_generation(self, plan: Plan, reason: str, predicted: float | None = None, measured: float | None = None):
         now = time.monotonic()
+        self.ensure_fork_server()
         observed = [b for b, _ in sorted(self.monitor.histogram(now).items(), key=lambda kv: -kv[1])]
         if predicted is None:
             predicted = self.planner.predict(plan, plan.total_batch)
@@ -340,6 +388,7 @@ class Daemon:
             self.monitor.note_switch_cost(now - succ.created, self._switch_slowdown(succ.created, now))
         keep = self.rollout.digests_in_use() | {self.digest}
         store.prune_models(self.cfg["server.state_dir"], keep)
+        self.prune_fork_servers()
 
     def _switch_slowdown(self, t0: float, t1: float) -> float:
         """Batch latency during [t0, t1] relative to the 30 s before it, minus 1 (0: no slowdown)."""
@@ -652,35 +701,54 @@ class Daemon:
                     pass
             while self.signals:
                 self._guard("signals", getattr(self, "handle_" + SIGNALS[self.signals.popleft()]))
+            # The serving path first: results in (they free the instances), requests in, and the next batch
+            # out at once; the bookkeeping steps below come after it.
+            if d.backend in events:
+                self._guard("workers", d.on_backend)
             for fs in d.frontends:
                 if fs in events:
                     self._guard("clients", d.on_frontend, fs)
-            if d.backend in events:
-                self._guard("workers", d.on_backend)
-            if self.control.sock in events:
-                self._guard("control", self.control.on_readable)
-            self._guard("supervise", self.supervisor.step, now, self.rollout.state_of, self.stopping)
-            self._guard("gateway", self.gateway.step, now, self.stopping)
-            self._guard("faults", self.handle_supervisor_events, now)
-            self._guard("autotune", self.check_tuner, now)
-            self._guard("rollout", self.rollout.step, now)
-            self._guard("planner", self.offload.poll, now)
-            self._guard("control-replies", self.control.poll)
-            self._guard("monitor", self.check_monitor, now)
-            self._guard("reconfigure", self.run_pending_reconfig, now)
-            self._guard("outage", self.check_outage, now)
-            self._wake = 0.1
-            self._guard("dispatch", self.dispatch, now)
-            timeout = self._wake
-            self._guard("housekeeping", self.housekeeping, now)
-            if self.stopping:
-                done = self.stop_check(now)
-                if done is not None:
-                    return done
-                timeout = min(timeout, 0.05)
-            if self.offload.busy():
-                timeout = min(timeout, 0.05)
-            timeout = min(timeout, 0.2)
+            if d.queue:
+                self._guard("dispatch", d.dispatch_now, time.monotonic())
+            # Everything else -- supervision, rollout, planner, monitor, timers -- runs when something asks for
+            # it (a control request, a worker event, a signal) or every BOOKKEEPING_S, not on every message:
+            # a request's path through the loop stays short.
+            if (self.control.sock in events or offload_fd in events or d.events or self.supervisor.events
+                    or self.stopping or now >= self.next["bookkeeping"] or now >= self._wake_at):
+                timeout = self.bookkeeping(events, now)
+                self.next["bookkeeping"] = now + BOOKKEEPING_S
+                if self.stopping:
+                    done = self.stop_check(now)
+                    if done is not None:
+                        return done
+            else:
+                timeout = min(self.next["bookkeeping"], self._wake_at) - now
+
+    def bookkeeping(self, events: dict, now: float) -> float:
+        """The loop's steps besides the serving path; returns how long the next poll may wait."""
+        d = self.dispatcher
+        if self.control.sock in events:
+            self._guard("control", self.control.on_readable)
+        self._guard("supervise", self.supervisor.step, now, self.rollout.state_of, self.stopping)
+        self._guard("gateway", self.gateway.step, now, self.stopping)
+        for z in list(self.zygotes.values()):
+            self._guard("fork-servers", z.pump)
+        self._guard("faults", self.handle_supervisor_events, now)
+        self._guard("autotune", self.check_tuner, now)
+        self._guard("rollout", self.rollout.step, now)
+        self._guard("planner", self.offload.poll, now)
+        self._guard("control-replies", self.control.poll)
+        self._guard("monitor", self.check_monitor, now)
+        self._guard("reconfigure", self.run_pending_reconfig, now)
+        self._guard("outage", self.check_outage, now)
+        self._wake = 0.1
+        self._guard("dispatch", self.dispatch, now)
+        self._wake_at = now + self._wake
+        timeout = self._wake
+        self._guard("housekeeping", self.housekeeping, now)
+        if self.stopping or self.offload.busy() or d.orphans:
+            timeout = min(timeout, 0.05)
+        return min(timeout, 0.2)
 
     def dispatch(self, now: float) -> None:
         self._wake = self.dispatcher.tick(now)
@@ -738,6 +806,10 @@ class Daemon:
         if self.supervisor is not None:
             stop_processes(self.supervisor.all_processes() + ([self.gateway.proc] if self.gateway.proc else []),
                            self.cfg["workers.stop_grace_s"], force=self.force, what="worker")
+        for z in self.zygotes.values():
+            z.stop()
+        for z in self.zygotes.values():
+            z.reap()
         self.offload.close()
         if self.dispatcher is not None:
             self.dispatcher.close()

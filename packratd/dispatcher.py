@@ -575,6 +575,11 @@ class Dispatcher:
             wake = min(wake, self._maybe_dispatch(now))
         return wake
 
+    def dispatch_now(self, now: float) -> None:
+        """Form and send a batch now if the instances are idle (right after requests or results came in)."""
+        if self.queue:
+            self._maybe_dispatch(now)
+
     def _eligible(self, sl: Slice) -> list[WorkerHandle]:
         """Idle ready workers that may compute an orphaned slice: its own generation first, then any
         generation serving the same model (same digest)."""

@@ -81,6 +81,16 @@ def thread_env(threads: int, cpus: list[int], pin_threads: bool) -> dict[str, st
     return env
 
 
+def zygote_env(base: dict, allocator: str) -> dict[str, str]:
+    """The fork server's environment: the workers' allocator and OpenMP spin settings (read once, when the
+    libraries load, so they must be right before the fork), one thread everywhere (no pool may exist when
+    it forks: each child sets its own thread count), and the package on the path."""
+    env = worker_env(base, 1, [], allocator, False)
+    pkg_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([pkg_root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
 def worker_env(base: dict, threads: int, cpus: list[int], allocator: str, pin_threads: bool) -> dict[str, str]:
     env = dict(base)
     # Workers never talk to systemd: the main process alone sends READY/WATCHDOG.
@@ -204,20 +214,29 @@ def check_outputs(outputs: list, rows: int) -> list[dict]:
     return spec
 
 
-def boot(args) -> tuple:
-    """Load and warm up the model on the generation's runtime; returns (runner, READY info)."""
+def boot(args, preloaded=None) -> tuple:
+    """Load and warm up the model on the generation's runtime; returns (runner, READY info).
+
+    ``preloaded``: the model a fork server loaded once (packratd.zygote.Preloaded); used when it is the
+    same runtime, file and digest (the zygote checked the digest when it loaded the file)."""
     from . import model as model_mod, runtimes, store
     t0 = time.monotonic()
-    if args.model_digest:
-        got = store.file_digest(args.model)
-        if got != args.model_digest:
-            raise BootError(f"model file {args.model} has digest {got[:16]}..., the generation serves "
-                            f"{args.model_digest[:16]}...: refusing to serve another model")
     cpus = [int(c) for c in args.cpus.split(",")]
-    try:
-        sess = runtimes.load(args.runtime, args.model, args.artifact or None, args.threads, cpus, pin=bool(args.pin_threads))
-    except runtimes.RuntimeUnavailable as e:
-        raise BootError(f"runtime {args.runtime}: {e.reason}") from None
+    if preloaded is not None and preloaded.matches(args.runtime, args.model, args.model_digest):
+        sess = preloaded.take(args.threads)
+        forked = True
+    else:
+        forked = False
+        if args.model_digest:
+            got = store.file_digest(args.model)
+            if got != args.model_digest:
+                raise BootError(f"model file {args.model} has digest {got[:16]}..., the generation serves "
+                                f"{args.model_digest[:16]}...: refusing to serve another model")
+        try:
+            sess = runtimes.load(args.runtime, args.model, args.artifact or None, args.threads, cpus,
+                                 pin=bool(args.pin_threads))
+        except runtimes.RuntimeUnavailable as e:
+            raise BootError(f"runtime {args.runtime}: {e.reason}") from None
     spec, runner = sess.input_spec, sess.run
     t_load = time.monotonic() - t0
     out_spec = None
@@ -234,7 +253,7 @@ def boot(args) -> tuple:
                 raise BootError(f"model outputs change with the batch size: {out_spec} at one size, {this} at {b} rows")
     info = {"pid": os.getpid(), "spec": spec, "outputs": out_spec, "boot_s": time.monotonic() - t0, "load_s": t_load,
             "threads": args.threads, "cpus": cpus, "runtime": sess.runtime, "digest": args.model_digest,
-            "warmup_sizes": sizes}
+            "warmup_sizes": sizes, "forked": forked}
     return runner, info
 
 
@@ -269,7 +288,7 @@ def serve(sock, runner) -> None:
             sys.stderr.write(f"packratd-worker: cannot send a result: {e}\n")
 
 
-def main(argv=None) -> int:
+def main(argv=None, preloaded=None) -> int:
     p = argparse.ArgumentParser(prog="packratd-worker")
     p.add_argument("--endpoint", required=True)
     p.add_argument("--identity", required=True)
@@ -301,7 +320,7 @@ def main(argv=None) -> int:
     sock.connect(args.endpoint)
     Heartbeat(ctx, args.endpoint, args.identity.encode(), args.hb_interval, args.hb_liveness).start()
     try:
-        runner, info = boot(args)
+        runner, info = boot(args, preloaded)
     except BaseException as e:  # noqa: BLE001 - any boot failure is reported, then we exit with our own code
         msg = str(e) if isinstance(e, BootError) else f"{type(e).__name__}: {e}"
         sys.stderr.write(f"packratd-worker {args.identity}: boot failed: {msg}\n")

@@ -18,7 +18,7 @@ from packratd.topology import read_topology
 def _cfg(tmp_path, model, **kv):
     over = {"model.path": model, "server.runtime_dir": str(tmp_path / "run"), "server.state_dir": str(tmp_path / "state"),
             "server.max_batch_size": 4, "profile.min_reps": 2, "profile.max_reps": 3, "workers.warmup_batches": 1,
-            "autotune.interference_check": False}
+            "autotune.interference_check": False, "workers.runtime": "eager"}
     over.update(kv)
     os.makedirs(over["server.runtime_dir"], exist_ok=True)
     return config_mod.load(None, over)

@@ -9,7 +9,11 @@ switch, to blue gone; request latency p50/p99 before, during (decision -> blue g
 requests failed (must be 0).  Compare: the Packrat paper's switch took ~5 s in TorchServe with
 latency 2-3x higher meanwhile; TorchServe interrupts serving for seconds when it rescales.
 
-Writes benchmarks/reconfig.json and the "Reconfiguration (issue 4)" section of BENCHMARKS.md.
+Runs twice, with the fork server (the default: green's workers are forked from a process that has
+the model loaded) and without it (each worker a new interpreter that imports torch and loads the
+model), on one shared state dir so the runtime is compiled once.
+
+Writes benchmarks/reconfig.json and the "Reconfiguration (issues 4 and 10)" section of BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -42,13 +46,57 @@ def main(argv=None) -> int:
     p.add_argument("--to-plan", default="1x2:8")
     p.add_argument("--steady-s", type=float, default=20.0)
     p.add_argument("--after-s", type=float, default=20.0)
+    p.add_argument("--fork-server", choices=("on", "off", "both"), default="both")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "reconfig.json"))
     p.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"))
     args = p.parse_args(argv)
     path = BL.ensure_model(args.model)
+    import tempfile
+    state = tempfile.mkdtemp(prefix="prb-reconfig-state-", dir="/tmp")
+    runs = {"on": [True], "off": [False], "both": [True, False]}[args.fork_server]
+    results = [one(args, path, state, fs) for fs in runs]
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(results, f)
+    fm = BL.fmt_ms
+    rows = []
+    for r in results:
+        b50 = r["during"]["p50_ms"] / r["before"]["p50_ms"] if r["before"]["n"] and r["during"]["n"] else float("nan")
+        b99 = r["during"]["p99_ms"] / r["before"]["p99_ms"] if r["before"]["n"] and r["during"]["n"] else float("nan")
+        rows.append(f"| {'on' if r['fork_server'] else 'off'} | {r['runtime']} | {r['green_boot_s']} | "
+                    f"{r['decision_to_green_ready_s']:.2f} s | {r['decision_to_blue_gone_s']:.2f} s | {r['requests']} | "
+                    f"{r['failed']} | {fm(r['before']['p50_ms'])} / {fm(r['before']['p99_ms'])} | "
+                    f"{fm(r['during']['p50_ms'])} / {fm(r['during']['p99_ms'])} ({b50:.2f}x / {b99:.2f}x) | "
+                    f"{fm(r['after']['p50_ms'])} / {fm(r['after']['p99_ms'])} |")
+    body = "\n".join([
+        f"Command: `.venv/bin/python tools/bench_reconfig.py {' '.join(sys.argv[1:])}` (part of `make bench`), "
+        f"{time.strftime('%Y-%m-%d')}, {BL.env_info()['cpu_model']}.",
+        "",
+        f"{args.model}, {args.clients} closed-loop clients sending {args.batch}-row requests; switch {args.from_plan} -> "
+        f"{args.to_plan} requested by `packratctl reconfigure --plan` (the monitor uses the same path); defaults "
+        "otherwise (runtime auto).",
+        "",
+        "| fork server | runtime | green workers' boot s | decision -> green READY (= switch) | decision -> blue gone | "
+        "requests | failed | before p50 / p99 ms | during p50 / p99 ms (x steady) | after p50 / p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "Green's workers warm up on the cores blue is serving on (a host packratd owns has no spare cores), so blue "
+        "slows while green warms; the switch itself is a pointer change in the dispatcher (batches already on blue "
+        "finish there) and blue is stopped the moment it has nothing in flight. With the fork server a green worker "
+        "skips the interpreter start, the torch import and the model load: what is left is its warm-up at the batch "
+        "sizes it will see. The paper reports ~5 s with latency 2-3x higher in TorchServe.",
+    ])
+    BL.replace_md_section(args.md, "## Reconfiguration (issues 4 and 10)", body)
+    print(json.dumps([{k: v for k, v in r.items() if k != "timeline"} for r in results], indent=1))
+    return 0
+
+
+def one(args, path: str, state: str, fork_server: bool) -> dict:
     d = BL.BenchDaemon(path, plan=args.from_plan, sets={"server.max_batch_size": max(8, args.batch * args.clients),
-                                                         "monitor.enabled": False}, name="reconfig")
-    d.wait_serving(timeout=600)
+                                                         "monitor.enabled": False, "workers.fork_server": fork_server},
+                       name="reconfig", state_dir=state)
+    d.wait_serving(timeout=3600)
     spec = d.client.spec()["inputs"]
     from packratd.client import Client
     stop = threading.Event()
@@ -75,6 +123,9 @@ def main(argv=None) -> int:
         t.start()
     try:
         time.sleep(args.steady_s)
+        if fork_server:       # the fork server loads in the background at start; be sure it is there
+            while not any(z["state"] == "ready" for z in d.control()["fork_servers"]):
+                time.sleep(0.2)
         from packratd.placement import format_plan, parse_plan
         target = format_plan(parse_plan(args.to_plan))
         t_decide = time.monotonic()
@@ -87,6 +138,8 @@ def main(argv=None) -> int:
                 break
             time.sleep(0.1)
         t_gone = time.monotonic()
+        green_boot = [round(w["boot_s"], 2) for w in st["workers"] if w.get("boot_s") is not None]
+        runtime = st["runtime"]
         time.sleep(args.after_s)
     finally:
         stop.set()
@@ -98,43 +151,15 @@ def main(argv=None) -> int:
     during = [ms for t, ms, ok in samples if t_decide <= t < t_gone]
     after = [ms for t, ms, ok in samples if t >= t_gone + 1]
     failed = sum(1 for _, _, ok in samples if not ok)
-    res = {"model": args.model, "batch": args.batch, "clients": args.clients, "from": args.from_plan, "to": args.to_plan,
-           "decision_to_green_ready_s": sw["green_ready_s"], "decision_to_switch_s": sw["green_ready_s"],
-           "decision_to_blue_gone_s": sw["blue_gone_s"], "observed_settled_s": t_gone - t_decide,
-           "requests": len(samples), "failed": failed,
-           "before": {"n": len(before), "p50_ms": pct(before, 50), "p99_ms": pct(before, 99)},
-           "during": {"n": len(during), "p50_ms": pct(during, 50), "p99_ms": pct(during, 99)},
-           "after": {"n": len(after), "p50_ms": pct(after, 50), "p99_ms": pct(after, 99)},
-           "timeline": [(round(t - t_decide, 3), round(ms, 2), ok) for t, ms, ok in samples]}
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(res, f)
-    f = BL.fmt_ms
-    bump50 = res["during"]["p50_ms"] / res["before"]["p50_ms"] if before and during else float("nan")
-    bump99 = res["during"]["p99_ms"] / res["before"]["p99_ms"] if before and during else float("nan")
-    body = "\n".join([
-        f"Command: `.venv/bin/python tools/bench_reconfig.py {' '.join(sys.argv[1:])}` (part of `make bench`), {time.strftime('%Y-%m-%d')}.",
-        "",
-        f"{args.model}, {args.clients} closed-loop clients sending {args.batch}-row requests; switch {args.from_plan} -> "
-        f"{args.to_plan} requested by `packratctl reconfigure --plan` (the monitor uses the same path).",
-        "",
-        "| decision -> green READY (= switch) | decision -> blue gone | requests | failed |",
-        "|---|---|---|---|",
-        f"| {sw['green_ready_s']:.2f} s | {sw['blue_gone_s']:.2f} s | {len(samples)} | {failed} |",
-        "",
-        "| window | requests | p50 ms | p99 ms |",
-        "|---|---|---|---|",
-        *(f"| {k} | {res[k]['n']} | {f(res[k]['p50_ms'])} | {f(res[k]['p99_ms'])} |" for k in ("before", "during", "after")),
-        "",
-        f"During the switch p50 was {bump50:.2f}x and p99 {bump99:.2f}x the steady value before it. Green's workers load "
-        "and warm up on the same cores blue is serving on (there are no spare cores on a host packratd owns), so blue "
-        "slows while green warms; the switch itself is a pointer change in the dispatcher (batches already on blue "
-        "finish there) and blue is stopped the moment it has nothing in flight. The paper reports ~5 s with latency "
-        "2-3x higher in TorchServe.",
-    ])
-    BL.replace_md_section(args.md, "## Reconfiguration (issue 4)", body)
-    print(json.dumps({k: v for k, v in res.items() if k != "timeline"}, indent=1))
-    return 0
+    return {"model": args.model, "batch": args.batch, "clients": args.clients, "from": args.from_plan, "to": args.to_plan,
+            "fork_server": fork_server, "runtime": runtime, "green_boot_s": green_boot,
+            "decision_to_green_ready_s": sw["green_ready_s"], "decision_to_switch_s": sw["green_ready_s"],
+            "decision_to_blue_gone_s": sw["blue_gone_s"], "observed_settled_s": t_gone - t_decide,
+            "requests": len(samples), "failed": failed,
+            "before": {"n": len(before), "p50_ms": pct(before, 50), "p99_ms": pct(before, 99)},
+            "during": {"n": len(during), "p50_ms": pct(during, 50), "p99_ms": pct(during, 99)},
+            "after": {"n": len(after), "p50_ms": pct(after, 50), "p99_ms": pct(after, 99)},
+            "timeline": [(round(t - t_decide, 3), round(ms, 2), ok) for t, ms, ok in samples]}
 
 
 if __name__ == "__main__":

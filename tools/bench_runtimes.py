@@ -155,7 +155,9 @@ class PackratdColumn:
 
     def __init__(self, ctx: dict):
         sets = {"workers.runtime": "auto", "server.max_batch_size": max(ctx["batches"])}
-        self.d = BL.BenchDaemon(ctx["model"], sets=sets, env=BL.base_env(), name="packratd-auto")
+        # the benchmark's own cache dir is <repo>/state/runtimes: the daemon reuses the artifacts built there
+        self.d = BL.BenchDaemon(ctx["model"], sets=sets, env=BL.base_env(), name="packratd-auto",
+                                state_dir=os.path.dirname(os.path.abspath(ctx.get("cache_dir") or os.path.join(ROOT, "state", "runtimes"))))
         self.d.wait_serving(timeout=3600)
         self.spec = ctx["spec"]
         self.inputs: dict[int, list] = {}
@@ -246,7 +248,7 @@ def bench_model(name: str, args, threads: int, cpus: list[int], env: dict, log_d
                     ok, err, bound, why = explain(r.outputs(x), ref)
                     out["runtimes"][rt]["numerics"] = {"ok": ok, "max_abs_err": err, "bound": bound, "why": why,
                                                        "batch": min(args.batch_list)}
-            ctx = {"model": path, "spec": spec, "batches": args.batch_list, "threads": threads, "cpus": cpus}
+            ctx = {"model": path, "spec": spec, "batches": args.batch_list, "threads": threads, "cpus": cpus, "cache_dir": args.cache_dir}
             if args.packratd:
                 for cname, factory in COLUMNS.items():
                     try:

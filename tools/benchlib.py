@@ -327,12 +327,13 @@ class BenchDaemon:
     """A packratd process with a short runtime dir under /tmp (ipc paths are limited to ~100 chars)."""
 
     def __init__(self, model: str, plan: str | None = None, sets: dict | None = None, env: dict | None = None,
-                 name: str = "daemon", keep_dir: bool = False):
+                 name: str = "daemon", keep_dir: bool = False, state_dir: str | None = None):
+        """``state_dir``: share one (profile and runtime-artifact caches) between daemons of one benchmark."""
         self.name = name
         self.dir = tempfile.mkdtemp(prefix="prb-", dir="/tmp")
         self.keep_dir = keep_dir
         self.runtime_dir = os.path.join(self.dir, "run")
-        self.state_dir = os.path.join(self.dir, "state")
+        self.state_dir = state_dir or os.path.join(self.dir, "state")
         self.endpoint = f"ipc://{self.runtime_dir}/packratd.sock"
         self.log_path = os.path.join(self.dir, "daemon.log")
         self.plan = plan

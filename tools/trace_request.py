@@ -48,7 +48,7 @@ def hops(t_send: float, t_recv: float, tr: dict) -> dict:
                            t_recv - tr["reply"])), total=t_recv - t_send)
 
 
-def trace(endpoint: str, rows: int, n: int, warmup: int = 20, gap_s: float = 0.002) -> list[dict]:
+def trace(endpoint: str, rows: int, n: int, warmup: int = 20, gap_s: float = 0.0) -> list[dict]:
     ctx = zmq.Context.instance()
     s = ctx.socket(zmq.DEALER)
     s.setsockopt(zmq.LINGER, 0)
