@@ -36,7 +36,7 @@ class Commands:
             workers.append({"name": w.name, "generation": w.generation, "index": w.index, "state": w.state,
                             "pid": w.proc.pid, "threads": w.threads, "cpus": list(w.cpus), "share": w.share,
                             "torch_threads": w.info.get("threads"), "runtime": w.info.get("runtime"),
-                            "boot_s": w.info.get("boot_s"), "forked": w.info.get("forked"), "busy_s": round(w.busy_s, 3),
+                            "boot_s": w.info.get("boot_s"), "load_s": w.info.get("load_s"), "forked": w.info.get("forked"), "busy_s": round(w.busy_s, 3),
                             "compute_s": round(w.compute_s, 3), "tasks": w.tasks_done, "busy": w.task is not None,
                             "restarts": slot.restarts if slot else 0})
         a = ro.active
@@ -95,7 +95,8 @@ class Commands:
         if r is None:
             raise ValueError("no profile (a configured plan without a cached profile, or profiling not finished)")
         return {"key": r["key"], "created": r["created"], "wall_s": r.get("wall_s"), "threads": r["threads"],
-                "batches": r["batches"], "lat_ms": r["lat_ms"], "p10_ms": r.get("p10_ms"), "p90_ms": r.get("p90_ms")}
+                "batches": r["batches"], "lat_ms": r["lat_ms"], "p10_ms": r.get("p10_ms"), "p90_ms": r.get("p90_ms"),
+                "runtime": (r.get("ident") or {}).get("runtime", d.runtime), "runtimes": d.runtimes_info}
 
     # ---- change --------------------------------------------------------------------------
     def reconfigure(self, batch_size: int | None = None, plan: str | None = None) -> dict:

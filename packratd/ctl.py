@@ -71,6 +71,27 @@ def render_progress(p: dict) -> str:
     return state + (f": {msg}" if msg else "")
 
 
+def render_runtimes(chosen, info: dict) -> str:
+    """``onnxruntime  (eager 2.1/40.0 ms, onnxruntime 1.0/30.0 ms, openvino skipped: ...)``: the serving
+    runtime, then each one's timings at the measured batch sizes or why it was skipped."""
+    parts = []
+    for name, i in info.items():
+        if not i.get("available"):
+            parts.append(f"{name} skipped: {i.get('reason', '?')}")
+        elif i.get("ms"):
+            parts.append(f"{name} " + "/".join(f"{v:.1f}" for _, v in sorted(i["ms"].items(), key=lambda kv: int(kv[0])))
+                         + " ms" + (f" (built in {i['build_s']:.0f}s)" if i.get("build_s") else ""))
+        else:
+            parts.append(name + (f" (built in {i['build_s']:.0f}s)" if i.get("build_s") else ""))
+    batches = sorted({int(b) for i in info.values() for b in (i.get("ms") or {})})
+    head = str(chosen or "-")
+    if parts:
+        head += "  (" + "; ".join(parts) + ")"
+    if batches:
+        head += f"  at batch {'/'.join(map(str, batches))}"
+    return head
+
+
 def render_status(st: dict) -> str:
     """The human view of the daemon's status reply (``packratctl status``)."""
     lines = []
@@ -102,6 +123,10 @@ def render_status(st: dict) -> str:
     for k in ("predicted_ms", "measured_ms"):
         if st.get(k) is not None:
             lines.append(f"{k.split('_')[0]:<10} {_fmt_ms(st[k])}")
+    if st.get("runtime") or st.get("runtimes"):
+        lines.append(f"runtime    {render_runtimes(st.get('runtime'), st.get('runtimes') or {})}")
+    if st.get("state") == "failed" and st.get("failed_reason"):
+        lines.append(f"FAILED     {st['failed_reason']}")
     if prof and prof.get("state") not in ("profiling", "checking"):
         lines.append(f"profile    {render_progress(prof)}")
     workers = st.get("workers") or []
@@ -149,7 +174,10 @@ def render_plan(r: dict) -> str:
 
 def render_profile(r: dict) -> str:
     bs = r["batches"]
-    lines = [f"profile {r['key']}: measured in {r.get('wall_s') or 0:.0f}s, latency in ms (rows: threads, columns: batch)"]
+    lines = [f"profile {r['key']}" + (f" on {r['runtime']}" if r.get("runtime") else "")
+             + f": measured in {r.get('wall_s') or 0:.0f}s, latency in ms (rows: threads, columns: batch)"]
+    if r.get("runtimes"):
+        lines.append(f"runtimes: {render_runtimes(r.get('runtime'), r['runtimes'])}")
     lines.append("threads " + "".join(f"{b:>9}" for b in bs))
     for t, row in zip(r["threads"], r["lat_ms"]):
         lines.append(f"{t:>7} " + "".join(f"{v:>9.2f}" if v == v else f"{'-':>9}" for v in row))

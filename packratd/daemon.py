@@ -820,8 +820,12 @@ class Daemon:
             self.auth.stop()               # its sockets live in self.ctx: stop it before term()
         self.ctx.term()
         if self.dispatcher is not None:
-            for ep in (self.cfg.listen, self.cfg.worker_endpoint):
+            for ep in [self.cfg.listen, self.cfg.worker_endpoint] + self.dispatcher.private_listeners:
                 security.remove_ipc(ep)
+        try:
+            os.unlink(os.path.join(self.cfg["server.runtime_dir"], oip.PORTS_FILE))
+        except OSError:
+            pass
         if self.lock_fd is not None:
             os.close(self.lock_fd)
 

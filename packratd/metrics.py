@@ -77,8 +77,8 @@ LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0
                    1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 RECONFIG_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
-STATES = ("starting", "profiling", "serving", "stopping")
-WORKER_STATES = ("booting", "ready", "stopping")
+STATES = ("starting", "profiling", "checking", "serving", "failed", "stopping")
+WORKER_STATES = ("booting", "ready", "stopping", "lost")
 
 
 

@@ -130,6 +130,7 @@ def command(cfg, spec: LaunchSpec) -> tuple[list[str], dict[str, str]]:
            "--pin-threads", str(int(cfg["workers.pin_threads"])),
            "--warmup", str(cfg["workers.warmup_batches"]),
            "--warmup-sizes", ",".join(str(b) for b in sorted(set(spec.warmup_sizes) | {1})),
+           "--warmup-nice", str(cfg["workers.warmup_nice"]),
            "--hb-interval", str(cfg["workers.heartbeat_interval_s"]),
            "--hb-liveness", str(cfg["workers.heartbeat_liveness"])]
     try:
@@ -214,6 +215,27 @@ def check_outputs(outputs: list, rows: int) -> list[dict]:
     return spec
 
 
+def _can_restore_priority() -> bool:
+    import resource
+    return os.geteuid() == 0 or resource.getrlimit(resource.RLIMIT_NICE)[0] >= 20
+
+
+def _lower_priority(nice: int) -> bool:
+    """Warm up at a lower CPU priority (the serving generation shares these cores), if it can be undone."""
+    if nice <= 0 or not _can_restore_priority():
+        return False
+    os.setpriority(os.PRIO_PROCESS, 0, nice)        # this thread; the pools the warm-up creates inherit it
+    return True
+
+
+def _restore_priority() -> None:
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.setpriority(os.PRIO_PROCESS, int(tid), 0)
+        except OSError:
+            pass
+
+
 def boot(args, preloaded=None) -> tuple:
     """Load and warm up the model on the generation's runtime; returns (runner, READY info).
 
@@ -222,11 +244,10 @@ def boot(args, preloaded=None) -> tuple:
     from . import model as model_mod, runtimes, store
     t0 = time.monotonic()
     cpus = [int(c) for c in args.cpus.split(",")]
-    if preloaded is not None and preloaded.matches(args.runtime, args.model, args.model_digest):
+    forked = preloaded is not None
+    if forked and preloaded.session is not None and preloaded.matches(args.runtime, args.model, args.model_digest):
         sess = preloaded.take(args.threads)
-        forked = True
     else:
-        forked = False
         if args.model_digest:
             got = store.file_digest(args.model)
             if got != args.model_digest:
@@ -239,6 +260,7 @@ def boot(args, preloaded=None) -> tuple:
             raise BootError(f"runtime {args.runtime}: {e.reason}") from None
     spec, runner = sess.input_spec, sess.run
     t_load = time.monotonic() - t0
+    niced = _lower_priority(args.warmup_nice)
     out_spec = None
     # Warm up at the sizes this instance will see (its shares of the plan); a batch of 2 or more
     # also shows whether every output really is batched on dim 0.
@@ -251,6 +273,8 @@ def boot(args, preloaded=None) -> tuple:
                 out_spec = this
             elif this != out_spec:
                 raise BootError(f"model outputs change with the batch size: {out_spec} at one size, {this} at {b} rows")
+    if niced:
+        _restore_priority()
     info = {"pid": os.getpid(), "spec": spec, "outputs": out_spec, "boot_s": time.monotonic() - t0, "load_s": t_load,
             "threads": args.threads, "cpus": cpus, "runtime": sess.runtime, "digest": args.model_digest,
             "warmup_sizes": sizes, "forked": forked}
@@ -301,6 +325,7 @@ def main(argv=None, preloaded=None) -> int:
     p.add_argument("--pin-threads", type=int, default=1)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--warmup-sizes", default="1")
+    p.add_argument("--warmup-nice", type=int, default=0)
     p.add_argument("--hb-interval", type=float, default=1.0)
     p.add_argument("--hb-liveness", type=int, default=5)
     args = p.parse_args(argv)

@@ -1,8 +1,9 @@
 """Fork server: workers that boot in a fraction of a second.
 
-A zygote process per (model digest, runtime, artifact) imports torch (or the runtime's library) and,
-for eager and inductor, loads the model once, with one intra-op thread and no parallel region ever
-run.  The daemon asks it for a worker; it forks, and the child pins itself, sets its thread
+A zygote process per (model digest, runtime, artifact) imports what a worker needs and, for eager and
+inductor, torch and the model itself, loaded once with one intra-op thread and no parallel region
+ever run (importing onnxruntime or openvino starts a thread, so their workers import them after the
+fork).  The daemon asks it for a worker; it forks, and the child pins itself, sets its thread
 counts and runs the ordinary worker code (packratd.worker) on the model already in memory: no
 interpreter start, no torch import, no model load -- only the warm-up at the sizes the instance
 will see.  The weights are shared copy-on-write.
@@ -36,9 +37,10 @@ from .procutil import set_parent_death_signal, signal_quietly
 log = logging.getLogger("packratd.zygote")
 
 MAX_MSG = 1 << 20
-# What a zygote may hold before forking: the model itself (eager, inductor), or only the library.
-PRELOAD = {"eager": "session", "inductor": "session", "openvino": "import", "onnxruntime": "import"}
-_IMPORTS = {"openvino": "openvino", "onnxruntime": "onnxruntime"}
+# What a zygote may hold before forking: the model itself (eager, inductor).  Importing onnxruntime or
+# openvino already starts a thread (measured: one each), so for them the zygote holds only what every
+# worker imports (numpy, ZeroMQ, packratd) and the child imports the runtime and loads the model itself.
+PRELOAD = {"eager": "session", "inductor": "session", "openvino": "base", "onnxruntime": "base"}
 
 
 def _threads_now() -> int:
@@ -88,9 +90,11 @@ def serve(fd: int, model: str, digest: str, runtime: str, artifact: str) -> int:
                 raise RuntimeError(f"model file {model} does not have the generation's digest")
             preloaded = Preloaded(runtime, model, digest,
                                   runtimes.load(runtime, model, artifact or None, 1, None, pin=False))
-        elif runtime in _IMPORTS:
-            __import__(_IMPORTS[runtime])
-            import numpy  # noqa: F401  (what the worker needs anyway)
+        else:
+            preloaded = Preloaded(runtime, model, digest, None)     # the child loads the model itself
+            import numpy  # noqa: F401  (what every worker imports anyway)
+            import zmq  # noqa: F401
+            from . import messages, model, runtimes  # noqa: F401
         n = _threads_now()
         if n != 1:
             raise RuntimeError(f"the zygote has {n} threads after loading {runtime}; forking it is not safe")

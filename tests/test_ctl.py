@@ -210,3 +210,14 @@ def test_render_plan_uses_the_plan_notation():
         "  runner-up 2:16  predicted 14.0 ms",
         "  runner-up 4x1:4  predicted 15.5 ms  (does not fit the NUMA layout)",
     ]
+
+
+def test_render_runtimes_shows_the_choice_timings_and_reasons():
+    from packratd.ctl import render_runtimes
+    info = {"eager": {"available": True, "ms": {"1": 2.04, "32": 40.0}},
+            "onnxruntime": {"available": True, "chosen": True, "build_s": 3.4, "ms": {"32": 30.0, "1": 1.0}},
+            "openvino": {"available": False, "reason": "openvino does not propagate NaN/Inf like eager"}}
+    assert render_runtimes("onnxruntime", info) == (
+        "onnxruntime  (eager 2.0/40.0 ms; onnxruntime 1.0/30.0 ms (built in 3s); "
+        "openvino skipped: openvino does not propagate NaN/Inf like eager)  at batch 1/32")
+    assert render_runtimes("eager", {}) == "eager"

@@ -462,10 +462,14 @@ def test_switch_with_slices_in_flight_loses_nothing(daemon, slow_model, slow_poo
     d.control("reconfigure", plan="1x2:16")
     t.join(300)
     assert "error" not in box and _close(box["y"], want)
-    st = wait_for(lambda: (lambda s: s if s["active_generation"] != blue and len(s["generations"]) == 1 else None)(
-        d.control()), 120, "green active, blue gone")
-    gone = [h for h in st["history"] if h.get("generation") == blue and h.get("state") == "retired"]
-    assert gone and gone[-1]["switch"]["to"] == st["active_generation"]
+    # blue leaves status's live generations when it stops draining; its history entry (with the switch
+    # timeline) lands only once its workers have exited, so wait for that entry, not for the list
+    def blue_gone():
+        s = d.control()
+        gone = [h for h in s["history"] if h.get("generation") == blue and h.get("state") == "retired"]
+        return (s, gone) if gone and s["active_generation"] != blue and len(s["generations"]) == 1 else None
+    st, gone = wait_for(blue_gone, 120, "green active, blue gone")
+    assert gone[-1]["switch"]["to"] == st["active_generation"]
     (y,) = c.infer(x[:3])
     assert _close(y, want[:3]) and st["errors"] == {}
     c.close()

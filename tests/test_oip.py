@@ -26,6 +26,7 @@ import time
 
 import grpc
 import numpy as np
+import psutil
 import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
@@ -764,3 +765,72 @@ def test_proto_is_wire_compatible_with_tritonclient():
     for name in proto.METHODS:
         for suffix in ("Request", "Response"):
             walk(proto.descriptor(name + suffix), service_pb2.DESCRIPTOR.message_types_by_name[name + suffix])
+
+
+# ---- the gateway as the daemon runs it --------------------------------------------------------------
+def _ports(d, old_pid=None, old_mtime=0, timeout=60):
+    """The daemon's gateway: (status, ports, mtime of its ports file) once a gateway other than old_pid
+    listens (it writes <runtime_dir>/oip-ports.json when it is)."""
+    path = os.path.join(d.runtime_dir, "oip-ports.json")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        gw = d.control()["gateway"]
+        if gw["pid"] and gw["pid"] != old_pid and os.path.exists(path) and os.stat(path).st_mtime_ns > old_mtime:
+            ports = json.loads(open(path).read())
+            try:
+                if requests_status(f"http://127.0.0.1:{ports['http']}/v2/health/ready") == 200:
+                    return gw, ports, os.stat(path).st_mtime_ns
+            except OSError:
+                pass
+        time.sleep(0.1)
+    raise AssertionError(f"gateway not listening: {d.control()['gateway']}\n{d.logs()[-2000:]}")
+
+
+def requests_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("listen", ["ipc", "tcp"])
+def test_the_daemon_starts_supervises_and_stops_its_gateway(daemon, tiny_model, tmp_path, listen):
+    """oip.* in the config: the daemon starts the gateway, restarts it when it dies, and stops it with
+    itself.  With a tcp:// (CURVE) server.listen the gateway reaches the dispatcher over an owner-only
+    ipc socket of its own (oip-gateway.sock), not over TCP."""
+    extra = ["--set", "oip.http_listen=127.0.0.1:0", "--set", "oip.grpc_listen=127.0.0.1:0"]
+    if listen == "tcp":
+        import socket as so
+        with so.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        clients = tmp_path / "curve-clients"
+        clients.mkdir()
+        extra += ["--listen", f"tcp://127.0.0.1:{port}", "--set", f"server.curve_clients_dir={clients}"]
+    d = daemon(tiny_model, plan="1x1:8", extra=extra)
+    gw, ports, mtime = _ports(d)
+    if listen == "tcp":
+        st = os.stat(os.path.join(d.runtime_dir, "oip-gateway.sock"))
+        assert oct(st.st_mode & 0o777) == "0o600"
+    x = np.random.default_rng(9).standard_normal((3, 64)).astype(np.float32)
+    (want,) = reference(load_module(tiny_model), x)
+
+    def infer_both(ports):
+        for mod, url in ((thttp, f"127.0.0.1:{ports['http']}"), (tgrpc, f"127.0.0.1:{ports['grpc']}")):
+            c = mod.InferenceServerClient(url)
+            inp = mod.InferInput("x", [3, 64], "FP32")
+            inp.set_data_from_numpy(x)
+            np.testing.assert_allclose(c.infer("tiny_mlp", [inp]).as_numpy("output_0"), want, rtol=RTOL, atol=ATOL)
+            c.close()
+    infer_both(ports)
+    os.kill(gw["pid"], signal.SIGKILL)                       # the gateway dies: the daemon starts another
+    gw2, ports2, _ = _ports(d, old_pid=gw["pid"], old_mtime=mtime)
+    assert gw2["restarts"] == 1 and gw2["pid"] != gw["pid"]
+    infer_both(ports2)
+    assert d.control()["errors"] == {}
+    assert d.stop() == 0
+    assert not psutil.pid_exists(gw2["pid"]) or psutil.Process(gw2["pid"]).status() == psutil.STATUS_ZOMBIE

@@ -134,6 +134,12 @@ def wait_for(fn, timeout, what):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def more_answers(load, n: int, timeout: float = 60.0):
+    """Wait until the load has n more correct answers (the traffic runs a while: state, not a sleep)."""
+    start = load.ok
+    wait_for(lambda: load.ok >= start + n, timeout, f"{n} more answers")
+
+
 def shape(d):
     return sorted(i["threads"] for i in d.control()["instances"])
 
@@ -158,20 +164,22 @@ def test_reconfigures_by_itself_under_shifting_load(start, tmp_path, tiny_model)
     assert st["plan"] == "2:1", st["plan"]                   # small batches: one fat instance
     module = load_module(tiny_model)
     with Load(d.endpoint, module) as load:
-        time.sleep(2)
+        more_answers(load, 40)                                 # small batches for a while: the monitor keeps 2:1
         load.rows = MAXB                                       # traffic shifts to large batches
         wait_for(lambda: shape(d) == [1, 1], 90, "switch to two 1-thread instances")
-        time.sleep(2)
+        more_answers(load, 40)
         load.rows = 1                                          # and back
         wait_for(lambda: shape(d) == [2], 90, "switch back to one 2-thread instance")
-        time.sleep(1.5)
-    st = d.control()
+        more_answers(load, 20)                                 # and served by it
     assert not load.failures, load.failures[:5]
     assert not load.dupes, load.dupes[:5]
     assert load.ok == load.sent and load.ok > 50
+    # a switch's history entry lands once the old generation's workers have exited: wait for both
+    st = wait_for(lambda: (lambda s: s if len([h for h in s["history"] if h.get("switch")]) >= 2 else None)(
+        d.control()), 60, "both switches in the history")
     assert st["reconfigurations"] >= 2
     switches = [h for h in st["history"] if h.get("switch")]
-    assert len(switches) >= 2 and all(h["switch"]["reason"].startswith("monitor:") for h in switches[:2])
+    assert all(h["switch"]["reason"].startswith("monitor:") for h in switches[:2])
     # exactly one live generation once the old one is gone
     wait_for(lambda: len(d.control()["generations"]) == 1, 30, "one live generation")
     assert len(live_worker_pids(d)) == 1
@@ -196,7 +204,7 @@ def test_green_that_fails_to_boot_leaves_blue_serving(start, tmp_path, tiny_mode
     blue = d.control()["active_generation"]
     digest = d.control()["model_digest"]
     with Load(d.endpoint, module, n_threads=2) as load:
-        time.sleep(1)
+        more_answers(load, 10)
         with open(model, "wb") as f:                            # the model file is broken on disk
             f.write(b"not a model any more")
         d.control("reconfigure", plan="1x2:16")                 # generations run their own copy: this one serves
@@ -208,7 +216,7 @@ def test_green_that_fails_to_boot_leaves_blue_serving(start, tmp_path, tiny_mode
         assert r["model_changed"] is True
         st = wait_for(lambda: (lambda s: s if any(h.get("state") == "failed" for h in s["history"]) else None)(d.control()),
                       60, "failed attempt in status")
-        time.sleep(1)
+        more_answers(load, 10)                                  # blue still answering after green was given up
     failed = [h for h in st["history"] if h.get("state") == "failed"]
     assert failed and "failed to start" in failed[-1]["error"], failed
     assert st["active_generation"] == blue and st["state"] == "serving"
@@ -244,7 +252,7 @@ def test_model_rewritten_in_place_is_served_only_after_reload(start, tmp_path):
         (y,) = c.infer(x)
         np.testing.assert_allclose(y, y_old, rtol=1e-4, atol=1e-5)
     with Load(d.endpoint, old, n_threads=1) as load:
-        time.sleep(0.5)
+        more_answers(load, 10)
     assert not load.failures and load.ok == load.sent
     r = d.control("reload")
     assert r["reloaded"] and r["model_changed"]
@@ -271,7 +279,7 @@ def test_repeated_triggers_leave_one_generation(start, tmp_path, tiny_model):
         assert r1["coalesced"] is False and r3["coalesced"] is True
         wait_for(lambda: (lambda s: not s["reconfig_pending"] and len(s["generations"]) == 1
                           and s["generations"][0]["state"] == "active")(d.control()), 90, "settled")
-        time.sleep(1)
+        more_answers(load, 10)
         st = d.control()
         if st["reconfig_pending"] or len(st["generations"]) != 1:
             st = wait_for(lambda: (lambda s: s if not s["reconfig_pending"] and len(s["generations"]) == 1 else None)(d.control()),

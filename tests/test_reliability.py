@@ -335,7 +335,8 @@ def test_crash_loop_backs_off_gives_up_and_replans(daemon, tiny_model):
         st = wait_for(lambda: (lambda s: s if s["active_generation"] != g1 and len(s["generations"]) == 1
                                and all(w["state"] == "ready" for w in s["workers"]) else None)(d.control()),
                       120, "re-planned generation active and the old one retired")
-        time.sleep(1.0)    # keep the load going on the new generation
+        ok0 = load.ok      # the load goes on, answered by the new generation
+        wait_for(lambda: load.ok >= ok0 + 20, 60, "20 more answers on the new generation")
     pids = list(seen)
     appear = [seen[p] for p in pids]
     kills = [killed[p] for p in pids]
@@ -622,6 +623,11 @@ def test_client_retries_across_daemon_restart(tmp_path, tiny_model):
         (y,) = c.infer(x, retries=20, timeout=5)
         waited = time.monotonic() - t0
         assert _close(y, _reference(module, x))
+        st = c.stats()[a.endpoint]
+        # a retry really happened: x0 plus at least two attempts for x, and the failed ones are counted (no
+        # answer, or an UNAVAILABLE/DRAINING reply from b while it was still starting)
+        failed = st["unreachable"] + st["timeouts"] + st["lost"] + sum(st["errors"].values())
+        assert st["sent"] >= 3 and failed >= 1 and st["answered"] >= 2, st
         t.join(30)
         c.close()
         print(f"\nreliability[client-retry-restart]: request issued with no daemon up answered correctly by the "
@@ -648,11 +654,12 @@ def test_restart_under_load_and_profile_cache(tmp_path, tiny_model):
         (path,) = glob.glob(os.path.join(current[0].state_dir, "profiles", "*.json"))
         cached = open(path, "rb").read()
         with Load(current[0].endpoint, module, n_threads=2, retries=60, timeout=5) as load:
-            time.sleep(1.0)
+            wait_for(lambda: load.ok >= 10, 60, "answers before the restart")
             assert current[0].stop() == 0
             current[0] = DaemonProc(where, tiny_model, extra=extra)
             current[0].wait_serving(timeout=600)
-            time.sleep(1.5)
+            ok0 = load.ok
+            wait_for(lambda: load.ok >= ok0 + 10, 60, "answers after the restart")
         logs["b"] = current[0].logs()
         assert not load.failures, load.failures[:5]
         assert load.ok == load.sent and load.ok > 10, (load.ok, load.sent)

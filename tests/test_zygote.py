@@ -95,3 +95,23 @@ def test_fork_server_off_spawns_every_worker(daemon, tiny_model):
                            and s["workers"][0]["state"] == "ready" else None)(d.control()), 120, "respawned")
     assert st["workers"][0]["forked"] is False and st["fork_servers"] == []
     assert d.stop() == 0
+
+
+@pytest.mark.skipif(__import__("packratd.runtimes", fromlist=["x"]).unavailable_reason("onnxruntime") is not None,
+                    reason="onnxruntime is not installed")
+def test_a_runtime_that_starts_threads_on_import_is_imported_after_the_fork(daemon, tiny_model):
+    """Importing onnxruntime starts a thread, so its fork server holds only what every worker imports;
+    the forked worker imports the runtime and loads the model itself, and answers like the model."""
+    d = daemon(tiny_model, plan="1x1:8", runtime="onnxruntime")
+    st = _forked_generation(d, "1x1:8")
+    (w,) = st["workers"]
+    assert w["forked"] is True and w["runtime"] == "onnxruntime"
+    assert psutil.Process(st["fork_servers"][0]["pid"]).num_threads() == 1
+    module = load_module(tiny_model)
+    c = Client(d.endpoint, timeout=60)
+    x = np.random.default_rng(6).standard_normal((5, 64)).astype(np.float32)
+    (y,) = c.infer(x)
+    with torch.inference_mode():
+        assert _close(y, module(torch.from_numpy(x)).numpy())
+    c.close()
+    assert d.stop() == 0

@@ -47,6 +47,7 @@ def main(argv=None) -> int:
     p.add_argument("--steady-s", type=float, default=20.0)
     p.add_argument("--after-s", type=float, default=20.0)
     p.add_argument("--fork-server", choices=("on", "off", "both"), default="both")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more daemon options")
     p.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "reconfig.json"))
     p.add_argument("--md", default=os.path.join(ROOT, "BENCHMARKS.md"))
     args = p.parse_args(argv)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
         f"{args.to_plan} requested by `packratctl reconfigure --plan` (the monitor uses the same path); defaults "
         "otherwise (runtime auto).",
         "",
-        "| fork server | runtime | green workers' boot s | decision -> green READY (= switch) | decision -> blue gone | "
+        "| fork server | runtime | green workers' boot s (of which loading the model) | decision -> green READY (= switch) | decision -> blue gone | "
         "requests | failed | before p50 / p99 ms | during p50 / p99 ms (x steady) | after p50 / p99 ms |",
         "|---|---|---|---|---|---|---|---|---|---|",
         *rows,
@@ -93,9 +94,10 @@ def main(argv=None) -> int:
 
 
 def one(args, path: str, state: str, fork_server: bool) -> dict:
-    d = BL.BenchDaemon(path, plan=args.from_plan, sets={"server.max_batch_size": max(8, args.batch * args.clients),
-                                                         "monitor.enabled": False, "workers.fork_server": fork_server},
-                       name="reconfig", state_dir=state)
+    sets = {"server.max_batch_size": max(8, args.batch * args.clients), "monitor.enabled": False,
+            "workers.fork_server": fork_server}
+    sets.update(kv.split("=", 1) for kv in args.set)
+    d = BL.BenchDaemon(path, plan=args.from_plan, sets=sets, name="reconfig", state_dir=state)
     d.wait_serving(timeout=3600)
     spec = d.client.spec()["inputs"]
     from packratd.client import Client
@@ -123,8 +125,14 @@ def one(args, path: str, state: str, fork_server: bool) -> dict:
         t.start()
     try:
         time.sleep(args.steady_s)
-        if fork_server:       # the fork server loads in the background at start; be sure it is there
-            while not any(z["state"] == "ready" for z in d.control()["fork_servers"]):
+        fork_state = None
+        if fork_server:       # the fork server loads in the background at start; be sure it is there (or failed)
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                zs = d.control()["fork_servers"]
+                fork_state = zs[0]["state"] if zs else None
+                if fork_state in ("ready", "failed"):
+                    break
                 time.sleep(0.2)
         from packratd.placement import format_plan, parse_plan
         target = format_plan(parse_plan(args.to_plan))
@@ -138,7 +146,7 @@ def one(args, path: str, state: str, fork_server: bool) -> dict:
                 break
             time.sleep(0.1)
         t_gone = time.monotonic()
-        green_boot = [round(w["boot_s"], 2) for w in st["workers"] if w.get("boot_s") is not None]
+        green_boot = [f"{w['boot_s']:.2f} (load {w.get('load_s') or 0:.2f})" for w in st["workers"] if w.get("boot_s") is not None]
         runtime = st["runtime"]
         time.sleep(args.after_s)
     finally:
@@ -152,7 +160,7 @@ def one(args, path: str, state: str, fork_server: bool) -> dict:
     after = [ms for t, ms, ok in samples if t >= t_gone + 1]
     failed = sum(1 for _, _, ok in samples if not ok)
     return {"model": args.model, "batch": args.batch, "clients": args.clients, "from": args.from_plan, "to": args.to_plan,
-            "fork_server": fork_server, "runtime": runtime, "green_boot_s": green_boot,
+            "fork_server": fork_server, "fork_server_state": fork_state, "runtime": runtime, "green_boot_s": green_boot,
             "decision_to_green_ready_s": sw["green_ready_s"], "decision_to_switch_s": sw["green_ready_s"],
             "decision_to_blue_gone_s": sw["blue_gone_s"], "observed_settled_s": t_gone - t_decide,
             "requests": len(samples), "failed": failed,

@@ -11,6 +11,7 @@ import os
 import sys
 
 LOCAL_SOCKET = "oip-gateway.sock"
+PORTS_FILE = "oip-ports.json"          # the gateway writes the ports it bound here (useful with port 0)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -88,7 +89,8 @@ def gateway_argv(cfg, parent_pid: int | None = None) -> list[str] | None:
             "--max-inflight", str(cfg["oip.max_inflight"]),
             "--request-timeout", str(cfg["oip.request_timeout_s"]),
             "--log-level", cfg["log.level"],
-            "--parent-pid", str(os.getpid() if parent_pid is None else parent_pid)]
+            "--parent-pid", str(os.getpid() if parent_pid is None else parent_pid),
+            "--ports-file", os.path.join(cfg["server.runtime_dir"], PORTS_FILE)]
     if http:
         argv += ["--http", http]
     if grpc:
