@@ -49,13 +49,16 @@ test: $(STAMP)
 test-fast: $(STAMP)
 	$(VPY) -m pytest -q -m fast $(TEST_ARGS)
 
-# The full run takes about an hour on a 2-core VM; each tool takes --help (and --quick where it makes sense).
+# The full run takes about two hours on a 2-core VM; each tool takes --help (and --quick where it makes sense).
 bench: $(STAMP)
 	$(VPY) tools/bench_solver.py --out benchmarks/solver.json
 	$(VPY) tools/bench_settings.py
 	$(VPY) tools/bench_serving.py
 	$(VPY) tools/bench_autotune.py
+	$(VPY) tools/bench_runtimes.py --packratd
+	$(VPY) tools/bench_overhead.py
 	$(VPY) tools/bench_reconfig.py
+	$(VPY) tools/bench_protocols.py --md
 
 # sudo make install-service MODEL=/srv/models/m.pt2 [INSTALL_ARGS="--enable --start"]
 install-service: $(STAMP)

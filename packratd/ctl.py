@@ -71,6 +71,11 @@ def render_progress(p: dict) -> str:
     return state + (f": {msg}" if msg else "")
 
 
+def _ms(v: float) -> str:
+    """Milliseconds with the digits that matter: 0.039, 2.41, 76.4, 2038."""
+    return f"{v:.3f}" if v < 1 else f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 1000 else f"{v:.0f}"
+
+
 def render_runtimes(chosen, info: dict) -> str:
     """``onnxruntime  (eager 2.1/40.0 ms, onnxruntime 1.0/30.0 ms, openvino skipped: ...)``: the serving
     runtime, then each one's timings at the measured batch sizes or why it was skipped."""
@@ -79,7 +84,7 @@ def render_runtimes(chosen, info: dict) -> str:
         if not i.get("available"):
             parts.append(f"{name} skipped: {i.get('reason', '?')}")
         elif i.get("ms"):
-            parts.append(f"{name} " + "/".join(f"{v:.1f}" for _, v in sorted(i["ms"].items(), key=lambda kv: int(kv[0])))
+            parts.append(f"{name} " + "/".join(_ms(v) for _, v in sorted(i["ms"].items(), key=lambda kv: int(kv[0])))
                          + " ms" + (f" (built in {i['build_s']:.0f}s)" if i.get("build_s") else ""))
         else:
             parts.append(name + (f" (built in {i['build_s']:.0f}s)" if i.get("build_s") else ""))

@@ -16,6 +16,7 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
 import statistics
 import subprocess
@@ -150,6 +151,7 @@ class Driver:
         self.inputs: dict[int, list] = {}
         self.next_hb = 0.0
         self.seq = 0
+        self.load_s: dict[bytes, float | None] = {}   # per worker, from its READY
         self.task = 0
 
     def _hb(self):
@@ -208,6 +210,7 @@ class Driver:
             ident, msg = self._recv(self.cfg["workers.boot_timeout_s"])
             if msg.kind == M.READY:
                 self.spec = msg.head.get("spec")
+                self.load_s[ident] = msg.head.get("load_s")
                 waiting.discard(ident)
             elif msg.kind == M.BOOTFAIL:
                 raise ProfileError(f"worker failed to boot: {msg.head.get('message')}")
@@ -423,6 +426,31 @@ def _choice_key(cfg, topo, model_path: str, prepared: dict, threads: int, points
     return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
 
 
+RUNTIME_TIE = 0.02   # runtimes whose score is within 2% of the best are a tie: timing noise on shared cores
+
+
+def runtime_points(batch_size: int) -> list[int]:
+    """The batch sizes at which runtimes are timed against each other: 1, the size being planned for and,
+    from 16 up, one in between (2**ceil(log2(B)/2): 8 for 32), since the winner can change with the batch."""
+    B = max(1, int(batch_size))
+    pts = {1, B}
+    if B >= 16:
+        pts.add(2 ** math.ceil(math.log2(B) / 2))
+    return sorted(pts)
+
+
+def pick_runtime(med: dict[str, dict[int, float]], load_s: dict[str, float | None]) -> tuple[str, dict[str, float]]:
+    """The runtime with the lowest score: mean over the timed batch sizes of its latency relative to the
+    fastest there.  Runtimes within RUNTIME_TIE of the best score are a tie, broken by the fastest model load
+    (a worker's boot, which every restart and every switch of generations pays), then eager first."""
+    points = sorted({b for d in med.values() for b in d})
+    score = {n: float(np.mean([med[n][b] / min(med[m][b] for m in med) for b in points])) for n in med}
+    top = min(score.values())
+    tied = [n for n in score if score[n] <= top * (1.0 + RUNTIME_TIE)]
+    best = min(tied, key=lambda n: (load_s.get(n) if load_s.get(n) is not None else float("inf"), n != "eager", score[n]))
+    return best, score
+
+
 def select_runtime(cfg, topo, model_path: str, batch_size: int, driver: Driver, progress: Progress,
                    cancel: threading.Event, refresh: bool = False) -> RuntimeChoice:
     """The runtime the workers will use: ``workers.runtime``, or with ``auto`` the fastest by measurement.
@@ -430,8 +458,8 @@ def select_runtime(cfg, topo, model_path: str, batch_size: int, driver: Driver, 
     Every available runtime is prepared (built once, cached, checked against eager: packratd.runtimes);
     one that cannot take the model is skipped with one log line and its reason in the status.  With
     several left, each is timed in a real worker (one process per runtime, the instance's threads and
-    cores) at batch 1 and at the batch size being planned for, in two passes in opposite order; the
-    winner has the lowest mean latency relative to the best at each point.  The choice is cached."""
+    cores) at the batch sizes of runtime_points, in two passes in opposite order; pick_runtime chooses.
+    The choice is cached."""
     wanted = cfg["workers.runtime"]
     names = list(runtimes_mod.NAMES) if wanted == "auto" else [wanted]
     T = max_instance_threads(cfg, topo)
@@ -458,7 +486,7 @@ def select_runtime(cfg, topo, model_path: str, batch_size: int, driver: Driver, 
         info["eager"] = {"available": True, "fallback": True}
     if not prepared:
         raise ProfileError("no runtime can serve this model: " + "; ".join(f"{n}: {i['reason']}" for n, i in info.items()))
-    points = sorted({1, max(1, int(batch_size))})
+    points = runtime_points(batch_size)
     ck = os.path.join(profile_dir(cfg), f"runtime-{_choice_key(cfg, topo, model_path, prepared, T, points)}.json")
     cached = None
     if not refresh and len(prepared) > 1:
@@ -478,22 +506,27 @@ def select_runtime(cfg, topo, model_path: str, batch_size: int, driver: Driver, 
         best = next(iter(prepared))
     else:
         ms = {n: {b: [] for b in points} for n in prepared}
+        load: dict[str, list] = {n: [] for n in prepared}
         order = list(prepared)
         for k, pass_order in enumerate((order, order[::-1])):
             for n in pass_order:
                 with progress.lock:
                     progress.state, progress.message = "runtimes", f"timing runtime {n} (pass {k + 1} of 2)"
                 (ident_w,) = driver.start([pl], {0: tuple(points)}, runtime=n, artifact=prepared[n].get("artifact") or "")
+                if driver.load_s.get(ident_w) is not None:
+                    load[n].append(float(driver.load_s[ident_w]))
                 for b in points:
                     driver.run([(ident_w, b)])
                     ms[n][b].append(measure(lambda: driver.run([(ident_w, b)])[ident_w], cfg)[0])
                 driver.stop()
         med = {n: {b: float(np.mean(v)) for b, v in d.items()} for n, d in ms.items()}
-        score = {n: float(np.mean([med[n][b] / min(med[m][b] for m in med) for b in points])) for n in med}
-        best = min(score, key=lambda n: (score[n], n != "eager"))
+        load_s = {n: (min(v) if v else None) for n, v in load.items()}
+        best, score = pick_runtime(med, load_s)
         for n in med:
             info[n]["ms"] = {str(b): round(v, 3) for b, v in med[n].items()}
             info[n]["score"] = round(score[n], 4)
+            if load_s[n] is not None:
+                info[n]["load_s"] = round(load_s[n], 3)
         write_atomic(ck, json.dumps({"runtime": best, "ms": {n: info[n]["ms"] for n in med}, "created": time.time()}).encode())
     info[best]["chosen"] = True
     r = prepared[best]

@@ -215,9 +215,9 @@ def test_render_plan_uses_the_plan_notation():
 def test_render_runtimes_shows_the_choice_timings_and_reasons():
     from packratd.ctl import render_runtimes
     info = {"eager": {"available": True, "ms": {"1": 2.04, "32": 40.0}},
-            "onnxruntime": {"available": True, "chosen": True, "build_s": 3.4, "ms": {"32": 30.0, "1": 1.0}},
+            "onnxruntime": {"available": True, "chosen": True, "build_s": 3.4, "ms": {"32": 1234.4, "1": 0.039}},
             "openvino": {"available": False, "reason": "openvino does not propagate NaN/Inf like eager"}}
     assert render_runtimes("onnxruntime", info) == (
-        "onnxruntime  (eager 2.0/40.0 ms; onnxruntime 1.0/30.0 ms (built in 3s); "
+        "onnxruntime  (eager 2.04/40.0 ms; onnxruntime 0.039/1234 ms (built in 3s); "
         "openvino skipped: openvino does not propagate NaN/Inf like eager)  at batch 1/32")
     assert render_runtimes("eager", {}) == "eager"

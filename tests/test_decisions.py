@@ -2,7 +2,8 @@
 
 * supervisor.after_exit  -- replace a dead worker after a back-off, or give up on its instance;
 * generations.decide     -- which generation to switch to, retire or abandon now;
-* monitor decisions      -- the economics of a switch: noise floor, payback, hysteresis.
+* monitor decisions      -- the economics of a switch: noise floor, payback, hysteresis;
+* profiler.pick_runtime  -- which runtime serves, from the timings of each at a few batch sizes.
 """
 import math
 
@@ -10,6 +11,7 @@ import pytest
 
 from packratd.generations import (ABANDON, ACTIVE, DRAINING, FAILED, RETIRE, STARTING, SWITCH, GenView, decide)
 from packratd.monitor import Monitor, Score
+from packratd.profiler import RUNTIME_TIE, pick_runtime, runtime_points
 from packratd.supervisor import MAX_BACKOFF_S, STABLE_S, after_exit
 
 pytestmark = pytest.mark.fast
@@ -126,3 +128,33 @@ def test_noise_needs_enough_samples_at_the_modal_size():
     assert m.noise_ms(t, 16) == pytest.approx(2.0)
     assert m.noise_ms(t, 8) is None
     assert not math.isnan(m.rate(t)) and m.rate(t) > 0
+
+
+@pytest.mark.parametrize("B, want", [(1, [1]), (2, [1, 2]), (8, [1, 8]), (16, [1, 4, 16]), (32, [1, 8, 32]),
+                                     (1024, [1, 32, 1024])])
+def test_runtime_points(B, want):
+    assert runtime_points(B) == want
+
+
+@pytest.mark.parametrize("case, med, load, want", [
+    # the measurements of this repo's models on one 2-core host (ms at B = 1 and 32)
+    ("clear winner", {"eager": {1: 43.0, 32: 1105.0}, "inductor": {1: 36.9, 32: 777.0},
+                      "onnxruntime": {1: 23.6, 32: 657.0}}, {"eager": 2.3, "inductor": 2.7, "onnxruntime": 0.13},
+     "onnxruntime"),
+    # BERT: inductor and OpenVINO within 0.5% (noise): the one whose workers load in 0.9 s, not 3 s
+    ("near tie, faster boot", {"eager": {1: 83.9, 32: 2077.9}, "inductor": {1: 75.6, 32: 2037.7},
+                               "openvino": {1: 76.4, 32: 2035.6}, "onnxruntime": {1: 80.6, 32: 2427.5}},
+     {"eager": 2.6, "inductor": 3.0, "openvino": 0.9, "onnxruntime": 1.0}, "openvino"),
+    ("past the tie margin the faster wins", {"inductor": {1: 75.0, 32: 2000.0}, "openvino": {1: 80.0, 32: 2100.0}},
+     {"inductor": 3.0, "openvino": 0.9}, "inductor"),
+    ("winner changes with batch: mean of ratios", {"a": {1: 10.0, 8: 80.0, 32: 400.0}, "b": {1: 12.0, 8: 70.0, 32: 300.0}},
+     {"a": 1.0, "b": 1.0}, "b"),
+    ("tie, no load times: eager first", {"eager": {1: 10.0}, "inductor": {1: 10.05}}, {"eager": None, "inductor": None},
+     "eager"),
+    ("one runtime", {"eager": {1: 10.0}}, {"eager": None}, "eager"),
+])
+def test_pick_runtime(case, med, load, want):
+    best, score = pick_runtime(med, load)
+    assert best == want, (case, score)
+    assert min(score.values()) == pytest.approx(1.0) or len(med) > 1
+    assert score[best] <= min(score.values()) * (1 + RUNTIME_TIE)

@@ -174,13 +174,15 @@ class PackratdColumn:
         return ms
 
     def info(self) -> dict:
-        return {"status_runtime": self.status.get("runtime") if isinstance(self.status, dict) else None}
+        st = self.status if isinstance(self.status, dict) else {}
+        return {"status_runtime": st.get("runtime"), "plan": st.get("plan")}
 
     def close(self) -> None:
         self.d.stop()
 
 
 COLUMNS = {"packratd (runtime=auto)": PackratdColumn}
+SECTION = "## Runtimes (issue 9)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,7 +275,11 @@ def bench_model(name: str, args, threads: int, cpus: list[int], env: dict, log_d
                 line = "  ".join(f"{rt} {BL.fmt_ms(s['median_ms'])}" for rt, s in cell.items() if not rt.startswith("_"))
                 print(f"[{name}] B={B}: {line} ms (busy CPUs {busy:.1f})", flush=True)
     finally:
-        for col in extra.values():
+        for cname, col in extra.items():
+            try:
+                out.setdefault("columns", {})[cname] = col.info()
+            except Exception as e:  # noqa: BLE001
+                out.setdefault("columns", {})[cname] = {"error": str(e)[:200]}
             col.close()
         for r in runners.values():
             r.close()
@@ -429,21 +435,31 @@ def render_md(report: dict) -> str:
              "fastest variant, whose outputs for NaN/Inf inputs differ from eager's (served only under "
              "specials=ignore).", ""]
     for m in report["models"]:
-        names = [n for n in m["runtimes"]]
-        lines.append(f"**{m['model']}**")
+        names = [n for n in m["runtimes"] if n not in COLUMNS]
+        # end-to-end columns (--packratd): what the daemon serves, against the best in-process runtime
+        cols = [c for c in COLUMNS if any(c in cell for cell in m["cells"].values())]
+        chosen = {c: (m.get("columns", {}).get(c) or {}).get("status_runtime") for c in cols}
+        lines.append(f"**{m['model']}**" + "".join(f" — {c} served on **{chosen[c]}**" for c in cols if chosen[c]))
         lines.append("")
-        lines.append("| B | " + " | ".join(names) + " | best / eager (strict) |")
-        lines.append("|---|" + "---|" * (len(names) + 1))
+        heads = names + cols
+        lines.append("| B | " + " | ".join(heads) + " | best / eager (strict) |"
+                     + "".join(f" {c} / best |" for c in cols))
+        lines.append("|---|" + "---|" * (len(heads) + 1 + len(cols)))
         for B, cell in m["cells"].items():
             meds = {n: cell[n]["median_ms"] for n in names if n in cell and cell[n].get("median_ms") is not None
                     and not n.endswith("*")}
-            ratio = ""
+            ratio, best = "", None
             if "eager" in meds and meds:
                 best = min(meds, key=meds.get)
                 ratio = f"{meds['eager'] / meds[best]:.2f}x ({best})"
+            vs = ""
+            for c in cols:
+                v = (cell.get(c) or {}).get("median_ms")
+                vs += (f" {v / meds[best]:.3f} (+{v - meds[best]:.1f} ms) |" if v is not None and best else " - |")
             lines.append(f"| {B} | " + " | ".join(_cell(cell.get(n)) if n in cell else
-                                                   ("n/a" if m["runtimes"][n].get("unavailable") else "-") for n in names)
-                         + f" | {ratio} |")
+                                                   ("n/a" if (m["runtimes"].get(n) or {}).get("unavailable") else "-")
+                                                   for n in heads)
+                         + f" | {ratio} |" + vs)
         lines.append("")
         lines.append("| runtime | compile/convert s | prepare wall s | worker boot s (load + warm-up) | max abs diff vs eager (bound) | NaN/Inf like eager | note |")
         lines.append("|---|---|---|---|---|---|---|")
@@ -505,6 +521,9 @@ def main(argv=None) -> int:
     p.add_argument("--cache-dir", default=os.path.join(ROOT, "state", "runtimes"))
     p.add_argument("--out", default=None, help="JSON (default benchmarks/runtimes.json; none with --quick)")
     p.add_argument("--md", default=None, help="markdown (default benchmarks/runtimes.md; none with --quick)")
+    p.add_argument("--bench-md", default=os.path.join(ROOT, "BENCHMARKS.md"),
+                   help=f"also put the tables in this file's {SECTION!r} section ('' for none; none with --quick)")
+    p.add_argument("--render", metavar="JSON", help="only render the markdown of an earlier run's JSON")
     a = p.parse_args(argv)
     if a.quick:
         a.models = "resnet50" if a.models == p.get_default("models") else a.models
@@ -513,6 +532,17 @@ def main(argv=None) -> int:
     elif a.out is None:
         a.out = os.path.join(ROOT, "benchmarks", "runtimes.json")
         a.md = a.md or os.path.join(ROOT, "benchmarks", "runtimes.md")
+    if a.render:
+        with open(a.render) as f:
+            report = json.load(f)
+        md_text = render_md(report)
+        print(md_text)
+        if a.md:
+            with open(a.md, "w") as f:
+                f.write("# Runtimes\n\n" + md_text + "\n")
+        if a.bench_md:
+            BL.replace_md_section(a.bench_md, SECTION, md_text)
+        return 0
     a.batch_list = [int(b) for b in a.batches.split(",")]
     topo = BL.topology()
     cpus = BL.fat_cpus(topo)
@@ -550,6 +580,8 @@ def main(argv=None) -> int:
     if a.md:
         with open(a.md, "w") as f:
             f.write("# Runtimes\n\n" + md_text + "\n")
+    if a.out and a.bench_md:
+        BL.replace_md_section(a.bench_md, SECTION, md_text)
     import shutil
     shutil.rmtree(log_dir, ignore_errors=True)
     return 0
