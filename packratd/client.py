@@ -706,6 +706,20 @@ class Client(_Common):
 
 
 # ---- asyncio ------------------------------------------------------------------------------------------
+def probe_health(endpoint: str, timeout: float = 5.0, **kw) -> dict | None:
+    """One daemon's health (Client.health), or None when it has no socket yet or gives no answer in time:
+    what a script waiting for a daemon to come up polls.  kw go to Client (CURVE keys for tcp://)."""
+    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
+        return None
+    c = Client(endpoint, timeout=timeout, **kw)
+    try:
+        return c.health(retries=0)
+    except InferenceTimeout:
+        return None
+    finally:
+        c.close()
+
+
 class _Lost(Exception):
     pass
 

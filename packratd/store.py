@@ -49,11 +49,7 @@ def file_digest(path: str) -> str:
     st = os.stat(path)
     k = (os.path.abspath(path), st.st_size, st.st_mtime_ns, st.st_ino)
     if k not in _digests:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-        _digests[k] = h.hexdigest()
+        _digests[k] = sha256_file(path)
     return _digests[k]
 
 
@@ -77,7 +73,7 @@ def snapshot_model(path: str, state_dir: str) -> tuple[str, str]:
             os.fsync(dst.fileno())
         digest = h.hexdigest()
         final = os.path.join(d, f"{digest}.pt2")
-        if os.path.exists(final) and _digest_uncached(final) == digest:
+        if os.path.exists(final) and sha256_file(final) == digest:
             _unlink_quietly(tmp)
         else:
             os.chmod(tmp, 0o640)
@@ -89,7 +85,8 @@ def snapshot_model(path: str, state_dir: str) -> tuple[str, str]:
         raise
 
 
-def _digest_uncached(path: str) -> str:
+def sha256_file(path: str) -> str:
+    """SHA-256 of a file's contents (hex), read now."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

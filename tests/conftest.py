@@ -33,23 +33,35 @@ def two_input_model(models_dir):
     return str(models_dir / "tiny_two_input.pt2")
 
 
+def wait_for(fn, timeout, what, interval=0.05):
+    """Poll fn until it returns something truthy (returned); on timeout fail naming what and the last value."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on host just now (bound and released)."""
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
 def load_module(path):
     import torch
     return torch.export.load(path).module()
 
 
 def health(endpoint: str, timeout: float = 5.0) -> dict | None:
-    """The daemon's health op (packratd.client.Client.health), or None: no socket yet, or no answer in time."""
-    from packratd.client import Client, InferenceTimeout
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
-        return None
-    c = Client(endpoint, timeout=timeout)
-    try:
-        return c.health(retries=0)
-    except InferenceTimeout:
-        return None
-    finally:
-        c.close()
+    """The daemon's health op, or None: no socket yet, or no answer in time."""
+    from packratd.client import probe_health
+    return probe_health(endpoint, timeout)
 
 
 _ALL_DAEMONS: list = []
@@ -126,6 +138,20 @@ class DaemonProc:
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"daemon not serving after {timeout}s:\n{self.logs()}")
+
+    def wait_state(self, state="serving", timeout=180.0):
+        """Until the control socket's status says ``state`` (works whatever the client listen is)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.proc.returncode}:\n{self.logs()}")
+            try:
+                if self.control()["state"] == state:
+                    return self
+            except Exception:  # noqa: BLE001 - control socket not up yet
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"daemon not {state} after {timeout}s:\n{self.logs()[-4000:]}")
 
     def control(self, cmd="status", **args):
         from packratd.control import ControlClient, control_endpoint

@@ -35,25 +35,9 @@ from zmq.auth.thread import ThreadAuthenticator
 from packratd import client as C
 from packratd import protocol as P
 from packratd.client import AsyncClient, Client, InferenceTimeout, ReplyError
+from tests.conftest import free_port, wait_for
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def free_port(host="127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
-
-
-def wait_for(fn, timeout, what, interval=0.02):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 class FakeServer:

@@ -41,7 +41,7 @@ import zmq.auth
 from packratd import protocol as P
 from packratd import security
 from packratd.client import Client, ReplyError
-from tests.conftest import DaemonProc, load_module
+from tests.conftest import DaemonProc, load_module, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -139,29 +139,8 @@ class Load:
             return len(self.done)
 
 
-def wait_for(fn, timeout, what, interval=0.05):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
-
-
 def wait_state(d: DaemonProc, state="serving", timeout=180.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if d.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {d.proc.returncode}:\n{d.logs()}")
-        try:
-            if d.control()["state"] == state:
-                return
-        except Exception:  # noqa: BLE001 - control socket not up yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"daemon not {state} after {timeout}s:\n{d.logs()[-4000:]}")
+    return d.wait_state(state, timeout)
 
 
 def cpus_for(n):

@@ -1,7 +1,6 @@
 """Metrics: a real HTTP scrape of packratd.metrics.Metrics, parsed with prometheus_client's own parser."""
 from __future__ import annotations
 
-import socket
 import time
 import urllib.error
 import urllib.request
@@ -11,6 +10,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from packratd.metrics import Metrics
+from tests.conftest import free_port
 
 
 def scrape(port: int) -> dict:
@@ -185,7 +185,7 @@ def test_starting_status_without_plan_or_profile(metrics):
 def test_port_zero_is_disabled_and_stop_closes_the_port():
     m = Metrics()
     assert m.start("127.0.0.1", 0) is None and m.port is None
-    port = m.start("127.0.0.1", _free_port())
+    port = m.start("127.0.0.1", free_port())
     assert port == m.port and val(scrape(port), "packratd_up") == 1
     m.stop()
     with pytest.raises((urllib.error.URLError, ConnectionError)):
@@ -205,19 +205,13 @@ def test_each_metrics_has_its_own_registry():
         b.stop()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 # ---- end to end: the real daemon ------------------------------------------------------------------
 
 @pytest.mark.slow
 def test_daemon_serves_metrics(daemon, tiny_model):
     from packratd.client import Client, ReplyError
 
-    port = _free_port()
+    port = free_port()
     extra = ["--set", f"metrics.port={port}", "--set", "metrics.address=127.0.0.1"]
     d = daemon(tiny_model, plan="2x1:4", extra=extra)
     c = Client(d.endpoint, timeout=30)

@@ -16,7 +16,7 @@ import torch
 import zmq
 
 from packratd import protocol as P
-from tests.conftest import DaemonProc, load_module, write_profile
+from tests.conftest import DaemonProc, load_module, wait_for, write_profile
 
 pytestmark = pytest.mark.skipif(len(psutil.Process().cpu_affinity()) < 2, reason="needs 2 usable CPUs")
 
@@ -122,16 +122,6 @@ class Load:
         self.stop.set()
         for t in self.threads:
             t.join(90)
-
-
-def wait_for(fn, timeout, what):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = fn()
-        if v:
-            return v
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def more_answers(load, n: int, timeout: float = 60.0):

@@ -29,7 +29,7 @@ import zmq
 
 from packratd import protocol as P
 from packratd.client import Client, InferenceTimeout, ReplyError
-from tests.conftest import DaemonProc, load_module
+from tests.conftest import DaemonProc, load_module, wait_for  # noqa: F401  (test_zygote imports it from here)
 
 pytestmark = pytest.mark.skipif(len(psutil.Process().cpu_affinity()) < 2, reason="needs 2 usable CPUs")
 
@@ -67,17 +67,6 @@ def _reference(module, x):
 
 def _close(got, want) -> bool:
     return got.shape == want.shape and np.allclose(got, want, rtol=RTOL, atol=ATOL)
-
-
-def wait_for(fn, timeout, what, interval=0.1):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last: {last!r})")
 
 
 def workers_by_index(st, generation=None):

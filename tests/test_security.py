@@ -418,20 +418,6 @@ def test_start_authenticator_needs_the_clients_dir(tmp_path, ctx):
 # ---- end to end: the real daemon ------------------------------------------------------------------
 
 
-def _wait_state(d, state="serving", timeout=120.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if d.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {d.proc.returncode}:\n{d.logs()}")
-        try:
-            if d.control()["state"] == state:
-                return
-        except Exception:  # noqa: BLE001 - not up yet
-            pass
-        time.sleep(0.2)
-    raise RuntimeError(f"daemon not {state} after {timeout}s:\n{d.logs()}")
-
-
 def client_probe(endpoint: str):
     """In the child: a packratd ping over the real client library."""
     def fn():
@@ -545,7 +531,7 @@ def test_daemon_tcp_listener_requires_an_allowed_curve_key(daemon, tiny_model, t
     keys = tmp_path / "serverkeys"
     d = daemon(tiny_model, plan="1x1:4", wait=False,
                extra=["--listen", ep, "--set", f"server.curve_clients_dir={clients}", "--set", f"server.curve_keys_dir={keys}"])
-    _wait_state(d)
+    d.wait_state(timeout=120.0)
     assert stat.S_IMODE(os.stat(keys / "server.key_secret").st_mode) == 0o600
     skey = S.server_public_key(str(keys))
     c = Client(ep, timeout=10, curve_server_key=skey, curve_keypair=zmq.auth.load_certificate(sec))

@@ -310,17 +310,9 @@ def runner_main(argv=None) -> int:
 # ---------------------------------------------------------------------------------------------
 
 def health(endpoint: str, timeout: float = 5.0) -> dict | None:
-    """The daemon's health op (packratd.client.Client.health), or None: no socket yet, or no answer in time."""
-    from packratd.client import Client, InferenceTimeout
-    if endpoint.startswith("ipc://") and not os.path.exists(endpoint[6:]):
-        return None
-    c = Client(endpoint, timeout=timeout)
-    try:
-        return c.health(retries=0)
-    except InferenceTimeout:
-        return None
-    finally:
-        c.close()
+    """The daemon's health op, or None: no socket yet, or no answer in time."""
+    from packratd.client import probe_health
+    return probe_health(endpoint, timeout)
 
 
 class BenchDaemon:

@@ -287,21 +287,8 @@ def _prepare(name, model_path, cache_dir, threads, verify, remember_failure, opt
 
 def _cache_write_json(path: str, obj: dict) -> None:
     import json
-    import tempfile
-    d = os.path.dirname(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp-json-{os.getpid()}-", dir=d)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from ..store import write_atomic
+    write_atomic(path, json.dumps(obj).encode())
 
 
 def _build(name, b, model_path, cache_dir, key, ident, threads, verify, options) -> dict:

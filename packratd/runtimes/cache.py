@@ -25,27 +25,11 @@ import shutil
 import tempfile
 import time
 
+from ..store import file_digest, sha256_file as _sha256  # noqa: F401  (file_digest: part of this module's API)
+
 CACHE_FORMAT = 2
 MANIFEST = "manifest.json"
 
-_digests: dict = {}
-
-
-def file_digest(path: str) -> str:
-    """sha256 of a file (memoised on path, size and mtime)."""
-    st = os.stat(path)
-    k = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if k not in _digests:
-        _digests[k] = _sha256(path)
-    return _digests[k]
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cpu_flags(cpuinfo_path: str = "/proc/cpuinfo") -> str:
