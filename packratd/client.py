@@ -835,18 +835,20 @@ class AsyncClient(_Common):
             refused, bad = link.refused, link.bad_handshakes
             while True:                               # the send: never blocks past send_until
                 if link.writable():
+                    # marked sent before the await: the reply can reach the reader task before this
+                    # coroutine resumes after the send, and a reply for an id not marked is dropped
+                    al.sent.add(rid)
                     try:
                         await link.sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
                         break
                     except zmq.Again:
-                        pass
+                        al.sent.discard(rid)
                 left = send_until - time.monotonic()
                 if left <= 0:
                     return UNREACHABLE, None
                 await link.sock.poll(int(min(left, 0.05) * 1000) + 1, zmq.POLLOUT)
                 if fail_fast and (link.refused > refused or link.bad_handshakes > bad):
                     return UNREACHABLE, None
-            al.sent.add(rid)
             try:
                 arrays, head = await asyncio.wait_for(fut, max(0.0, until - time.monotonic()))
                 return OK, (arrays, head)

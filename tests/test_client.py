@@ -696,6 +696,36 @@ def test_async_client_spreads_retries_and_fails_over(servers):
     asyncio.run(go())
 
 
+def test_async_reply_that_arrives_before_the_send_returns_is_delivered(servers):
+    """The send coroutine can resume after the reader task has already received the reply (a fast daemon,
+    several requests in flight: seen in CI as a 30 s timeout with the daemon idle).  Here the send returns
+    only after a pause long enough for the fake server to answer: the reply must still reach its caller."""
+    srv = servers(tcp())
+
+    async def go():
+        c = AsyncClient(srv.endpoint, timeout=5, retries=0)
+        try:
+            al = c._alink(srv.endpoint)
+            real = al.link.sock.send_multipart
+
+            async def slow_return(*a, **kw):
+                r = real(*a, **kw)
+                if asyncio.isfuture(r) or asyncio.iscoroutine(r):
+                    r = await r
+                await asyncio.sleep(0.2)                 # the reply is back (and read) before this returns
+                return r
+            al.link.sock.send_multipart = slow_return
+            outs = await asyncio.gather(*[c.infer(row(i), request_id=f"r{i}") for i in range(4)])
+            for i, (y, _) in enumerate(outs):
+                np.testing.assert_array_equal(y, row(i))
+            st = c.stats()[srv.endpoint]
+            assert st["answered"] == 4 and st["timeouts"] == 0, st
+        finally:
+            c.close()
+
+    asyncio.run(go())
+
+
 def test_async_client_timeouts_and_fresh_socket(servers, tmp_path):
     srv = servers(tcp(), behave=lambda n, rid: "drop" if n == 0 else "ok")
 

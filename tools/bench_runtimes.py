@@ -434,6 +434,9 @@ def render_md(report: dict) -> str:
              "A plain column is what packratd serves under specials=strict (its default); `X*` is runtime X's "
              "fastest variant, whose outputs for NaN/Inf inputs differ from eager's (served only under "
              "specials=ignore).", ""]
+    for r in report.get("reruns", []):
+        lines += [f"**{r['model']}** was measured again, alone: `{r['command']}`, load average at start "
+                  f"{(r.get('env') or {}).get('loadavg_at_start')}; {r.get('why', '')}.", ""]
     for m in report["models"]:
         names = [n for n in m["runtimes"] if n not in COLUMNS]
         # end-to-end columns (--packratd): what the daemon serves, against the best in-process runtime
