@@ -102,6 +102,7 @@ _HANDSHAKE_FAILED = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL | zmq.EVENT_HANDSHAKE_
                      | zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _MONITOR_EVENTS = zmq.EVENT_CONNECT_RETRIED | zmq.EVENT_DISCONNECTED | zmq.EVENT_HANDSHAKE_SUCCEEDED | _HANDSHAKE_FAILED
 MAX_COOLDOWN_FACTOR = 30
+SEND_RETRY_S = 0.002        # AsyncClient: how often a send is retried while no connection is up
 # plain ints: the enum flags pyzmq returns make every `&` on the hot path a Python-level enum operation
 _EVENTS, _POLLIN, _POLLOUT = int(zmq.EVENTS), int(zmq.POLLIN), int(zmq.POLLOUT)
 
@@ -846,7 +847,12 @@ class AsyncClient(_Common):
                 left = send_until - time.monotonic()
                 if left <= 0:
                     return UNREACHABLE, None
-                await link.sock.poll(int(min(left, 0.05) * 1000) + 1, zmq.POLLOUT)
+                # not sock.poll(POLLOUT): pyzmq's asyncio poll parks an event in the socket's send queue,
+                # and a NOBLOCK send made meanwhile by another request is queued behind it instead of
+                # failing at once -- a future with no timeout that resolves only when the socket turns
+                # writable, so never for a peer that never comes up.  A short sleep keeps every send
+                # immediate (done or EAGAIN); it only runs while no connection is up.
+                await asyncio.sleep(min(left, SEND_RETRY_S))
                 if fail_fast and (link.refused > refused or link.bad_handshakes > bad):
                     return UNREACHABLE, None
             try:

@@ -697,9 +697,11 @@ def test_async_client_spreads_retries_and_fails_over(servers):
 
 
 def test_async_reply_that_arrives_before_the_send_returns_is_delivered(servers):
-    """The send coroutine can resume after the reader task has already received the reply (a fast daemon,
-    several requests in flight: seen in CI as a 30 s timeout with the daemon idle).  Here the send returns
-    only after a pause long enough for the fake server to answer: the reply must still reach its caller."""
+    """The send coroutine can resume after the reader task has already received the reply: a send queued in
+    pyzmq (behind another request's wait for the socket to turn writable) completes later, the daemon
+    answers at once, and the reader gets there first (seen in CI as a 30 s timeout with the daemon idle).
+    Here the send returns only after a pause long enough for the fake server to answer: the reply must
+    still reach its caller."""
     srv = servers(tcp())
 
     async def go():
@@ -724,6 +726,52 @@ def test_async_reply_that_arrives_before_the_send_returns_is_delivered(servers):
             c.close()
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("peer", ["late", "never"])
+def test_async_sends_while_the_connection_is_not_up_never_hang(servers, peer):
+    """Many concurrent requests on a socket whose connection is not up yet (the server binds late, or never):
+    each send either goes or gives up by its deadline.  Waiting for the socket with pyzmq's asyncio
+    poll(POLLOUT) queued the other requests' NOBLOCK sends behind it, as futures with no timeout: with a
+    peer that never came up they hung for ever (seen in CI as a 300 s test timeout).  The race that queues a
+    send is a matter of one loop iteration, so besides the outcome the test checks the invariant that rules
+    it out: no event is ever parked in the socket's send queue (pyzmq's ``_send_futures``, private)."""
+    port = free_port()
+    ep = f"tcp://127.0.0.1:{port}"
+    n = 24
+    parked = []
+
+    async def go():
+        c = AsyncClient(ep, timeout=3.0, retries=0, connect_timeout=3.0)
+        done = asyncio.Event()
+
+        async def watch():
+            while not done.is_set():
+                al = c._alinks.get(ep)
+                if al is not None:
+                    parked.append(len(getattr(al.link.sock, "_send_futures", ())))
+                await asyncio.sleep(0.01)
+        try:
+            if peer == "late":
+                loop = asyncio.get_running_loop()
+                loop.call_later(0.3, lambda: servers(ep))
+            w = asyncio.ensure_future(watch())
+            res = await asyncio.wait_for(asyncio.gather(*[c.infer(row(i), request_id=f"p{i}") for i in range(n)],
+                                                        return_exceptions=True), 20)
+            done.set()
+            await w
+        finally:
+            c.close()
+        return res
+
+    res = asyncio.run(go())
+    assert parked and max(parked) == 0, max(parked or [None])
+    if peer == "late":
+        assert all(not isinstance(r, BaseException) for r in res), [r for r in res if isinstance(r, BaseException)][:3]
+        for i, (y, _) in enumerate(res):
+            np.testing.assert_array_equal(y, row(i))
+    else:
+        assert all(isinstance(r, InferenceTimeout) for r in res), res[:3]
 
 
 def test_async_client_timeouts_and_fresh_socket(servers, tmp_path):
