@@ -35,7 +35,8 @@ Retries
 Timeouts and queued copies
     ``timeout`` bounds each attempt: the send and the wait for the answer together.  Nothing blocks
     longer: sockets use ZMQ_IMMEDIATE, so a request is never queued for a connection that is not up;
-    the send waits (poll POLLOUT) for a connection until the attempt's deadline, or at most
+    the send waits for a connection (Client polls POLLOUT; AsyncClient retries every SEND_RETRY_S, since
+    pyzmq's asyncio POLLOUT poll would queue other requests' sends) until the attempt's deadline, or at most
     ``connect_timeout`` while another endpoint could take the request instead.  After a failed attempt
     (timeout, lost connection, unreachable) the socket is closed with linger 0 and a fresh one is made
     for the next attempt: at most one copy of a request is ever queued, and a daemon that comes back
