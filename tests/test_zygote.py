@@ -48,6 +48,19 @@ def _forked_generation(d, plan: str):
                     120, "the forked generation serving")
 
 
+def _answers_like_the_model(d, model_path, rows: int, seed: int) -> None:
+    """One request of random rows through the daemon; the answer equals the model run in-process."""
+    module = load_module(model_path)
+    c = Client(d.endpoint, timeout=60)
+    try:
+        x = np.random.default_rng(seed).standard_normal((rows, 64)).astype(np.float32)
+        (y,) = c.infer(x)
+        with torch.inference_mode():
+            assert _close(y, module(torch.from_numpy(x)).numpy())
+    finally:
+        c.close()
+
+
 def test_forked_workers_have_their_own_thread_pool_and_answer_like_the_model(daemon, tiny_model):
     d = daemon(tiny_model, plan="2:8")
     st = _forked_generation(d, "2:8")
@@ -56,16 +69,10 @@ def test_forked_workers_have_their_own_thread_pool_and_answer_like_the_model(dae
     z = st["fork_servers"][0]
     assert z["state"] == "ready" and z["forks"] >= 1
     assert psutil.Process(z["pid"]).num_threads() == 1              # the zygote never ran a parallel region
-    module = load_module(tiny_model)
-    c = Client(d.endpoint, timeout=60)
-    x = np.random.default_rng(5).standard_normal((8, 64)).astype(np.float32)
-    (y,) = c.infer(x)
-    with torch.inference_mode():
-        assert _close(y, module(torch.from_numpy(x)).numpy())
+    _answers_like_the_model(d, tiny_model, rows=8, seed=5)
     assert len(_threads(w["pid"])) == 2 + 1                          # main + heartbeat + one more OpenMP thread
     assert sorted(psutil.Process(w["pid"]).cpu_affinity()) == sorted(w["cpus"])
     assert psutil.Process(z["pid"]).num_threads() == 1
-    c.close()
     assert d.stop() == 0
 
 
@@ -107,11 +114,5 @@ def test_a_runtime_that_starts_threads_on_import_is_imported_after_the_fork(daem
     (w,) = st["workers"]
     assert w["forked"] is True and w["runtime"] == "onnxruntime"
     assert psutil.Process(st["fork_servers"][0]["pid"]).num_threads() == 1
-    module = load_module(tiny_model)
-    c = Client(d.endpoint, timeout=60)
-    x = np.random.default_rng(6).standard_normal((5, 64)).astype(np.float32)
-    (y,) = c.infer(x)
-    with torch.inference_mode():
-        assert _close(y, module(torch.from_numpy(x)).numpy())
-    c.close()
+    _answers_like_the_model(d, tiny_model, rows=5, seed=6)
     assert d.stop() == 0
